@@ -1,0 +1,245 @@
+"""load_offloaded(): resolve a model, plan its placement, and return a model object with a familiar API."""
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from .checkpoint.catalogue import Catalogue
+from .config import ModelArgs
+from .errors import HeteroError
+from .generate import SamplingParams, generate_ids, stream_generate
+from .models import family_for
+from .placement.greedy import greedy_plan
+from .placement.groups import make_groups
+from .placement.plan import Plan, plan_table, validate
+from .runtime.device import detect
+from .runtime.executor import Executor
+from .runtime.memory import Accountant
+from .runtime.weights import SKIPPED, WeightStore
+from .sizes import format_size, parse_size
+from . import store
+
+log = logging.getLogger("hetero")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_CONTEXT = 4096
+AUTO_RAM_SHARE = 0.8  # of available RAM when no --ram is given: leave room for the OS and the page cache
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V]
+
+
+def _dtype(dtype, cat: Catalogue) -> torch.dtype:
+    if dtype is None:
+        floats = Counter(t.dtype for t in cat.tensors.values() if t.dtype.is_floating_point)
+        return floats.most_common(1)[0][0] if floats else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise HeteroError(f"dtype {dtype!r}: choose one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def checkpoint_tensors(args: ModelArgs, cat: Catalogue) -> dict:
+    """name -> (shape, dtype) of the tensors the model uses (tied lm_head and stale buffers dropped)."""
+    out = {}
+    for name, info in cat.tensors.items():
+        if name.endswith(SKIPPED) or (args.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        out[name] = (info.shape, info.dtype)
+    return out
+
+
+class OffloadedModel:
+    """A causal LM whose weights live across gpu / cpu / disk per its Plan.
+
+    Use it like a transformers model: `model(input_ids).logits`, `model.generate(...)`, plus
+    `model.stream(...)` for text, `model.plan` and `model.stats()`.
+    """
+
+    def __init__(self, path: Path, args, tokenizer, plan, groups, executor, accountant, device, dtype, notes):
+        self.path, self.config, self.tokenizer, self.plan = path, args, tokenizer, plan
+        self.groups, self.executor, self.accountant = groups, executor, accountant
+        self.device, self.dtype, self.notes = device, dtype, notes
+        self.generation_config = _generation_defaults(path)
+
+    def __call__(self, input_ids, attention_mask=None, **_ignored) -> CausalLMOutput:
+        """Logits for every position of `input_ids` [B, T] (no cache is kept between calls)."""
+        input_ids = _check_ids(input_ids, self.config.vocab_size)
+        _check_mask(attention_mask)
+        cache = self.executor.new_cache()
+        try:
+            return CausalLMOutput(self.executor.forward(input_ids, cache))
+        finally:
+            cache.free()
+
+    forward = __call__
+
+    def generate(self, input_ids, max_new_tokens: int | None = None, min_new_tokens: int = 0, do_sample: bool | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None, seed: int | None = None,
+                 attention_mask=None, **_ignored) -> torch.Tensor:
+        """Generate as transformers does: returns [B, T + N] ids (prompt included).
+
+        Unset sampling arguments take the model's generation_config.json values, like transformers.
+        """
+        input_ids = _check_ids(input_ids, self.config.vocab_size)
+        _check_mask(attention_mask)
+        g = self.generation_config
+        do_sample = g.get("do_sample", False) if do_sample is None else do_sample
+        eos = eos_token_id if eos_token_id is not None else g.get("eos_token_id", self.config.eos_token_id)
+        eos = set(eos if isinstance(eos, (list, tuple, set)) else [] if eos is None else [eos])
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else g.get("max_new_tokens", 20),
+            min_new_tokens=min_new_tokens,
+            temperature=(temperature if temperature is not None else g.get("temperature", 1.0)) if do_sample else 0.0,
+            top_k=(top_k if top_k is not None else g.get("top_k", 50)) if do_sample else 0,
+            top_p=(top_p if top_p is not None else g.get("top_p", 1.0)) if do_sample else 1.0,
+            repetition_penalty=repetition_penalty, seed=seed, eos_token_ids=frozenset(eos),
+        )
+        return generate_ids(self.executor, input_ids, params, pad_token_id)
+
+    def stream(self, prompt_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop=(), stats: dict | None = None):
+        """Yield the answer's text piece by piece.
+
+        Args:
+            prompt_or_messages: a string (sent through the chat template when the model has one) or a
+                list of {"role", "content"} messages.
+        """
+        ids = self.encode_prompt(prompt_or_messages)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop),
+                                eos_token_ids=frozenset(self.tokenizer.eos_token_ids))
+        for piece in stream_generate(self.executor, self.tokenizer, ids, params, stats=stats):
+            if piece.text:
+                yield piece.text
+
+    def encode_prompt(self, prompt_or_messages) -> list[int]:
+        if self.tokenizer is None:
+            raise HeteroError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; pass token ids")
+        if isinstance(prompt_or_messages, str):
+            if not self.tokenizer.has_chat_template:
+                return self.tokenizer.encode(prompt_or_messages)
+            prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
+        return self.tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=True)
+
+    def stats(self) -> dict:
+        """Measured figures: tokens/s, bytes moved per tier and per token, memory held per tier."""
+        t = self.executor.timing
+        io = self.executor.store.io
+        dec = t["decode_tokens"]
+        return {
+            "prefill_tokens": t["prefill_tokens"], "prefill_s": t["prefill_s"],
+            "prefill_tokens_per_s": t["prefill_tokens"] / t["prefill_s"] if t["prefill_s"] else None,
+            "decode_tokens": dec, "decode_s": t["decode_s"],
+            "decode_tokens_per_s": dec / t["decode_s"] if t["decode_s"] else None,
+            "decode_s_per_token": t["decode_s"] / dec if dec else None,
+            "disk_read_bytes": io["disk_read_bytes"], "host_to_device_bytes": io["host_to_device_bytes"],
+            "disk_read_bytes_per_token": io["disk_read_bytes"] / max(1, t["prefill_tokens"] + dec),
+            "resident_bytes": self.executor.store.resident_bytes(),
+            "memory": self.accountant.snapshot(),
+            "device": self.device.name(),
+            "notes": list(self.notes),
+        }
+
+    def plan_rows(self):
+        return plan_table(self.plan, self.groups)
+
+
+def _generation_defaults(path: Path) -> dict:
+    import json
+
+    f = Path(path) / "generation_config.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _check_ids(input_ids, vocab: int) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(input_ids, dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise HeteroError(f"input_ids must be an integer tensor [batch, tokens], got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise HeteroError(f"input_ids hold a token id outside the vocabulary [0, {vocab})")
+    return input_ids.long().cpu()
+
+
+def _check_mask(mask):
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise HeteroError("padded batches (attention_mask with zeros) are not supported yet; run sequences one at a time")
+
+
+def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None, device=None, plan=None,
+                   context: int | None = None, log_fn=None) -> OffloadedModel:
+    """Load a model with its weights placed across gpu, cpu and disk within the given budgets.
+
+    Args:
+        path_or_name: an HF directory, a .gguf file, a model-store name or a catalogue name ("smollm2").
+        vram: accelerator budget ("8GB", "512MiB", bytes); unused without an accelerator.
+        ram: host-memory budget; default 80% of the RAM available now.
+        disk_dir: where disk-tier weights are read from (default: the checkpoint's own files).
+        dtype: compute dtype ("float32", "bfloat16", "float16"); default the checkpoint's.
+        device: "cpu", "cuda" or "fake-gpu" (host memory standing in for a gpu); default: detected.
+        plan: a Plan, or the path of a plan JSON, to use instead of planning.
+        context: tokens of KV cache to reserve; default min(4096, the model's limit), shrunk to fit.
+    Returns:
+        An OffloadedModel.
+    """
+    say = log_fn or log.info
+    notes = []
+    vram_b, ram_b = parse_size(vram, "vram"), parse_size(ram, "ram")
+    path = store.resolve(path_or_name, log=say)
+    if disk_dir is not None and not Path(disk_dir).is_dir():
+        raise HeteroError(f"--disk-dir {disk_dir}: not a directory")
+    args = ModelArgs.from_dir(path)
+    fam = family_for(args)
+    cat = Catalogue(path)
+    cdtype = _dtype(dtype, cat)
+    groups = make_groups(checkpoint_tensors(args, cat), getattr(fam, "EXPERT_PATTERN", None), cdtype)
+    dev = detect(device)
+    if not dev.has_gpu and vram_b is not None:
+        notes.append("no accelerator: computing on the CPU, --vram is unused")
+    if dev.has_gpu and vram_b is None:
+        vram_b = dev.gpu_memory_bytes()
+    if ram_b is None:
+        ram_b = int(psutil.virtual_memory().available * AUTO_RAM_SHARE)
+    budgets = {"gpu": vram_b if dev.has_gpu else None, "cpu": ram_b}
+    max_ctx = args.max_position_embeddings
+    if context is not None and not 0 < context <= max_ctx:
+        raise HeteroError(f"context {context}: this model supports 1 to {max_ctx} tokens")
+    if plan is None:
+        plan = greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
+                           fixed_context=context is not None)
+        if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
+            notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
+        source = "plan"
+    else:
+        source = str(plan) if not isinstance(plan, Plan) else "plan"
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        if plan.kv_tokens > max_ctx:
+            raise HeteroError(f"{source}: kv_tokens {plan.kv_tokens} exceeds the model's {max_ctx}-token limit")
+    validate(plan, groups, args, cdtype, dev.has_gpu, source)
+    acc = Accountant(plan.budgets)
+    model = fam.build(args)
+    weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype)
+    executor = Executor(model, weights, plan, dev, acc)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(path)
+    say(f"loaded {path.name}: {args.model_type}, {args.num_hidden_layers} layers, {cdtype}, compute on {dev.name()}")
+    for n in notes:
+        say(n)
+    return OffloadedModel(path, args, tokenizer, plan, groups, executor, acc, dev, cdtype, notes)

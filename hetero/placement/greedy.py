@@ -1,0 +1,71 @@
+"""A greedy plan from the budgets: fill the compute tier, then RAM, then disk, in execution order.
+
+This is the simple baseline the cost-model planner is measured against; it is a pure function.
+"""
+
+from ..errors import HeteroError
+from ..sizes import format_size
+from .groups import Group, kv_bytes_per_token
+from .plan import Plan, staging_bytes
+
+MIN_CONTEXT = 256  # below this a chat is not useful; say so instead of planning it
+
+
+def minimum_bytes(groups: list[Group], args, dtype, compute: str, kv_tokens: int) -> dict[str, int]:
+    """The least each tier must hold to run at all: norms, worst-case staging and the KV cache."""
+    worst = {g.name: (compute if g.kind == "norms" else "disk") for g in groups}
+    need = staging_bytes(groups, worst, compute)
+    need[compute] = need.get(compute, 0) + sum(g.nbytes for g in groups if g.kind == "norms")
+    need[compute] += kv_tokens * kv_bytes_per_token(args, dtype)
+    return need
+
+
+def greedy_plan(
+    groups: list[Group], args, dtype, budgets: dict, compute: str, context: int, fixed_context: bool = False
+) -> Plan:
+    """Place groups greedily within the budgets.
+
+    Args:
+        groups: the model's groups in execution order.
+        budgets: {"gpu": bytes | None, "cpu": bytes | None}; None means unlimited.
+        compute: "gpu" or "cpu".
+        context: tokens of KV cache to reserve.
+        fixed_context: if False, the context may shrink (to MIN_CONTEXT at least) to fit the budget.
+    Returns:
+        A Plan that fits the budgets.
+    Raises:
+        HeteroError: the budget is below the minimum working set, naming that minimum.
+    """
+    budgets = {"gpu": budgets.get("gpu") if compute == "gpu" else None, "cpu": budgets.get("cpu"), "disk": None}
+    ctx = context
+    while True:
+        need = minimum_bytes(groups, args, dtype, compute, ctx)
+        short = {t: n for t, n in need.items() if budgets.get(t) is not None and n > budgets[t]}
+        if not short or fixed_context or ctx <= MIN_CONTEXT:
+            break
+        ctx = max(MIN_CONTEXT, ctx // 2)
+    if short:
+        tier, n = next(iter(short.items()))
+        flag = "--vram" if tier == "gpu" else "--ram"
+        raise HeteroError(
+            f"{flag} {format_size(budgets[tier])} is below this model's minimum working set on the {tier} tier: "
+            f"{format_size(n)} (with a {ctx}-token KV cache); raise {flag} to at least {format_size(n)}"
+        )
+    free = {t: (None if budgets[t] is None else budgets[t] - need.get(t, 0)) for t in budgets}
+    order = ["gpu", "cpu"] if compute == "gpu" else ["cpu"]
+    # an untied embedding is only gathered row by row, so it is the cheapest thing to leave on disk
+    tied = args.tie_word_embeddings
+    ranked = [g for g in groups if g.kind != "norms" and (tied or g.kind != "embed")]
+    ranked += [g for g in groups if g.kind == "embed" and not tied]
+    tiers = {g.name: compute for g in groups if g.kind == "norms"}
+    for g in ranked:
+        for t in order:
+            if free[t] is None or free[t] >= g.nbytes:
+                tiers[g.name] = t
+                if free[t] is not None:
+                    free[t] -= g.nbytes
+                break
+        else:
+            tiers[g.name] = "disk"
+    tiers = {g.name: tiers[g.name] for g in groups}
+    return Plan(tiers=tiers, compute=compute, budgets={k: v for k, v in budgets.items() if k != "disk"}, kv_tokens=ctx)
