@@ -11,6 +11,7 @@ import torch
 from .checkpoint.catalogue import Catalogue
 from .config import ModelArgs
 from .errors import HeteroError
+from .flash.offload import offload_copy
 from .generate import SamplingParams, generate_ids, stream_generate
 from .models import family_for
 from .placement.greedy import greedy_plan
@@ -131,23 +132,27 @@ class OffloadedModel:
         return self.tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=True)
 
     def stats(self) -> dict:
-        """Measured figures: tokens/s, bytes moved per tier and per token, memory held per tier."""
+        """Measured figures: tokens/s, bytes moved per token by phase, memory held per tier."""
         t = self.executor.timing
-        io = self.executor.store.io
-        dec = t["decode_tokens"]
-        return {
-            "prefill_tokens": t["prefill_tokens"], "prefill_s": t["prefill_s"],
-            "prefill_tokens_per_s": t["prefill_tokens"] / t["prefill_s"] if t["prefill_s"] else None,
-            "decode_tokens": dec, "decode_s": t["decode_s"],
-            "decode_tokens_per_s": dec / t["decode_s"] if t["decode_s"] else None,
-            "decode_s_per_token": t["decode_s"] / dec if dec else None,
-            "disk_read_bytes": io["disk_read_bytes"], "host_to_device_bytes": io["host_to_device_bytes"],
-            "disk_read_bytes_per_token": io["disk_read_bytes"] / max(1, t["prefill_tokens"] + dec),
-            "resident_bytes": self.executor.store.resident_bytes(),
-            "memory": self.accountant.snapshot(),
-            "device": self.device.name(),
-            "notes": list(self.notes),
-        }
+        out = {}
+        for phase in ("prefill", "decode"):
+            n, s = t[f"{phase}_tokens"], t[f"{phase}_s"]
+            out.update({
+                f"{phase}_tokens": n, f"{phase}_s": s,
+                f"{phase}_tokens_per_s": n / s if s else None,
+                f"{phase}_disk_read_bytes_per_token": t[f"{phase}_disk_read_bytes"] / n if n else None,
+                f"{phase}_host_to_device_bytes_per_token": t[f"{phase}_host_to_device_bytes"] / n if n else None,
+            })
+        out["decode_s_per_token"] = t["decode_s"] / t["decode_tokens"] if t["decode_tokens"] else None
+        out["resident_bytes"] = self.executor.store.resident_bytes()
+        out["memory"] = self.accountant.snapshot()
+        out["device"] = self.device.name()
+        out["notes"] = list(self.notes)
+        return out
+
+    def reset_stats(self):
+        for k in self.executor.timing:
+            self.executor.timing[k] = 0
 
     def plan_rows(self):
         return plan_table(self.plan, self.groups)
@@ -188,7 +193,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         path_or_name: an HF directory, a .gguf file, a model-store name or a catalogue name ("smollm2").
         vram: accelerator budget ("8GB", "512MiB", bytes); unused without an accelerator.
         ram: host-memory budget; default 80% of the RAM available now.
-        disk_dir: where disk-tier weights are read from (default: the checkpoint's own files).
+        disk_dir: a directory to hold a copy of the disk-tier weights in the compute dtype, made once
+            and reused (default: disk-tier weights are read from the checkpoint's own files).
         dtype: compute dtype ("float32", "bfloat16", "float16"); default the checkpoint's.
         device: "cpu", "cuda" or "fake-gpu" (host memory standing in for a gpu); default: detected.
         plan: a Plan, or the path of a plan JSON, to use instead of planning.
@@ -232,7 +238,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     validate(plan, groups, args, cdtype, dev.has_gpu, source)
     acc = Accountant(plan.budgets)
     model = fam.build(args)
-    weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype)
+    disk_cat = offload_copy(cat, groups, plan, disk_dir, cdtype, acc, log=say) if disk_dir is not None else None
+    weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype, disk_cat)
     executor = Executor(model, weights, plan, dev, acc)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
