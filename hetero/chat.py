@@ -40,19 +40,19 @@ class ChatSession:
     def _prompt_ids(self) -> list[int]:
         """The conversation as tokens, dropping the oldest turns if it would overflow the KV cache."""
         budget = self.model.plan.kv_tokens - self.params.max_new_tokens
-        while True:
-            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-            ids = self.model.encode_prompt(msgs)
-            if len(ids) <= budget or len(self.messages) <= 1:
-                break
-            self.messages = self.messages[2:]  # the oldest user/assistant pair
-            self.dropped_turns += 1
-        if len(ids) > budget:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        alone = len(self.model.encode_prompt(system + self.messages[-1:]))
+        if alone > budget:
             raise HeteroError(
-                f"this message is {len(ids)} tokens; with {self.params.max_new_tokens} tokens for the answer it "
+                f"this message is {alone} tokens; with {self.params.max_new_tokens} tokens for the answer it "
                 f"does not fit the {self.model.plan.kv_tokens}-token context; send something shorter"
             )
-        return ids
+        while True:
+            ids = self.model.encode_prompt(system + self.messages)
+            if len(ids) <= budget:
+                return ids
+            self.messages = self.messages[2:]  # the oldest user/assistant pair
+            self.dropped_turns += 1
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's answer; the answer joins the history as it

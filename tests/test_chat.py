@@ -92,7 +92,7 @@ def test_chat_in_a_real_terminal(smollm2_dir, tmp_path):
 
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
     try:
-        wait_for(lambda t: ">>> " in t)
+        wait_for(lambda t: ">>>" in t)  # capture-pane drops trailing spaces
         subprocess.run(["tmux", "send-keys", "-t", session, "Write a long story about a dragon.", "Enter"], check=True)
         wait_for(lambda t: len(t.split("dragon.", 1)[-1].strip()) > 40)  # the answer is streaming
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
