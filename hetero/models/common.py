@@ -149,16 +149,20 @@ class Attention(nn.Module):
         qkv_bias: q/k/v projections carry a bias (Qwen2).
         qk_norm: "head" for an RMSNorm over each head (Qwen3), "full" for one over the whole
             projection (OLMoE), None for neither.
+        clip_qkv: clamp q, k and v to [-clip_qkv, clip_qkv] after the projections (OLMoE).
+        o_bias: o_proj carries a bias; None follows config.json's attention_bias (Llama, Qwen3, OLMoE
+            put it on all four projections; Qwen2 configs have no such key).
     """
 
-    def __init__(self, args: ModelArgs, qkv_bias: bool = False, qk_norm: str | None = None, clip_qkv=None):
+    def __init__(self, args: ModelArgs, qkv_bias: bool = False, qk_norm: str | None = None, clip_qkv=None,
+                 o_bias: bool | None = None):
         super().__init__()
         C, H, K, D = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.H, self.K, self.D = H, K, D
         self.q_proj = meta_linear(C, H * D, qkv_bias)
         self.k_proj = meta_linear(C, K * D, qkv_bias)
         self.v_proj = meta_linear(C, K * D, qkv_bias)
-        self.o_proj = meta_linear(H * D, C, args.attention_bias and not qkv_bias)
+        self.o_proj = meta_linear(H * D, C, args.attention_bias if o_bias is None else o_bias)
         self.qk_norm = qk_norm
         self.clip_qkv = clip_qkv
         if qk_norm == "head":

@@ -1,13 +1,10 @@
 """Llama 2/3, SmolLM2, Mistral and Qwen2 (the same decoder; Qwen2 adds q/k/v biases)."""
 
-import re
-
 from ..config import ModelArgs
 from .common import MLP, Attention, CausalLM, DecoderLayer
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 EXPERT_PATTERN = None  # dense: no experts
-
 
 def build(args: ModelArgs) -> CausalLM:
     qkv_bias = args.model_type == "qwen2" or args.attention_bias

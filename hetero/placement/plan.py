@@ -72,10 +72,13 @@ def staging_bytes(groups: list[Group], tiers: dict, compute: str) -> dict[str, i
     """
     per_layer: dict[int, int] = {}
     max_expert: dict[int, int] = {}
-    disk_per_layer: dict[int, int] = {}
-    head = 0
+    head = host = 0
     for g in groups:
         t = tiers[g.name]
+        if compute == "gpu" and t != "cpu":
+            # reads bound for the gpu (disk groups while running, gpu-resident ones while loading) pass
+            # through host memory one tensor, or one LM_HEAD_CHUNK_BYTES slice of one, at a time
+            host = max(host, int(min(g.stage_bytes, LM_HEAD_CHUNK_BYTES * (1 + g.raw_ratio))))
         if t == compute or g.kind == "norms":
             continue
         if g.kind in ("attn", "mlp"):
@@ -84,14 +87,11 @@ def staging_bytes(groups: list[Group], tiers: dict, compute: str) -> dict[str, i
             max_expert[g.layer] = max(max_expert.get(g.layer, 0), g.stage_bytes)
         elif g.kind in ("lm_head", "embed"):
             head = max(head, int(min(g.nbytes, LM_HEAD_CHUNK_BYTES) * (1 + g.raw_ratio)))
-        if t == "disk" and compute == "gpu":
-            # disk reads land in host memory (one tensor or lm_head slice at a time) before the copy
-            disk_per_layer[-1] = max(disk_per_layer.get(-1, 0), int(min(g.stage_bytes, LM_HEAD_CHUNK_BYTES * (1 + g.raw_ratio))))
     layers = set(per_layer) | set(max_expert)
     stage = max([per_layer.get(l, 0) + max_expert.get(l, 0) for l in layers] + [head, 0])
     out = {compute: stage}
     if compute == "gpu":
-        out["cpu"] = max(disk_per_layer.values(), default=0)
+        out["cpu"] = host
     return out
 
 

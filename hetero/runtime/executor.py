@@ -28,7 +28,8 @@ class Executor:
         self.device, self.acc = device, accountant
         for block in model.moe_blocks():
             block.experts = ExpertDispatch(store, block.layer_idx)
-        self.timing = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
+        self.timing = {f"{phase}_{what}": 0 for phase in ("prefill", "decode")
+                       for what in ("s", "tokens", "disk_read_bytes", "host_to_device_bytes")}
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.model.model.layers), self.plan.kv_tokens, self.acc, self.plan.compute)
@@ -45,6 +46,7 @@ class Executor:
             logits [B, T, V] (or [B, 1, V]) in the compute dtype, on the compute device.
         """
         t0 = time.perf_counter()
+        io0 = dict(self.store.io)
         B, T = input_ids.shape
         h = self.store.embed(input_ids)  # [B, T, C]
         cos, sin = self.model.rotary(cache.length, T, h.dtype, h.device)
@@ -59,4 +61,6 @@ class Executor:
         phase = "decode" if T == 1 and cache.length > 1 else "prefill"
         self.timing[f"{phase}_s"] += time.perf_counter() - t0
         self.timing[f"{phase}_tokens"] += B * T
+        for k, v in self.store.io.items():
+            self.timing[f"{phase}_{k}"] += v - io0[k]
         return logits

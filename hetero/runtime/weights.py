@@ -5,6 +5,7 @@ compute device for the duration of one layer (or one expert, or one slice of lm_
 dropped; every byte held, resident or transient, is reserved with the accountant first.
 """
 
+import re
 from contextlib import contextmanager
 from math import prod
 
@@ -28,10 +29,13 @@ class WeightStore:
         device: runtime.device.Device.
         accountant: runtime.memory.Accountant.
         dtype: compute dtype.
+        disk_catalogue: a copy of the disk-tier tensors (flash/offload.py); default: the checkpoint.
     """
 
-    def __init__(self, model, family, catalogue, groups: list[Group], plan: Plan, device, accountant, dtype):
+    def __init__(self, model, family, catalogue, groups: list[Group], plan: Plan, device, accountant, dtype,
+                 disk_catalogue=None):
         self.model, self.cat, self.plan = model, catalogue, plan
+        self.disk = disk_catalogue or catalogue  # where disk-tier groups are read from
         self.device, self.acc, self.dtype = device, accountant, dtype
         self.compute = plan.compute
         self.groups = {g.name: g for g in groups}
@@ -39,13 +43,13 @@ class WeightStore:
         self._slots = self._bindings(model)
         self._placeholders = {n: getattr(m, a) for n, (m, a) in self._slots.items()}
         self._experts = self._expert_names(family, groups)
-        self._check_shapes()
+        self._check_shapes(groups)
         self.resident: dict[str, dict[str, torch.Tensor]] = {}
         for g in groups:
             tier = plan.tiers[g.name]
             if tier != "disk":
                 self.resident[g.name] = {n: self._load(n, tier, "weights") for n in g.tensors}
-                if tier == self.compute:
+                if tier == self.compute and g.kind != "expert":  # experts are handed out by expert(), not bound
                     self._bind(self.resident[g.name])
         self.layer_groups = {}
         for g in groups:
@@ -75,10 +79,10 @@ class WeightStore:
                 for n in g.tensors:
                     role = family.EXPERT_ROLES[pattern.fullmatch(n).group(3)]
                     roles[role] = n
-                out[(g.layer, g.expert)] = (roles["gate"], roles["up"], roles["down"])
+                out[(g.layer, g.expert)] = (roles.get("gate"), roles.get("up"), roles.get("down"))
         return out
 
-    def _check_shapes(self):
+    def _check_shapes(self, groups: list[Group]):
         expected = {n: tuple(m_a[0]._parameters[m_a[1]].shape) for n, m_a in self._slots.items()}
         for name, shape in expected.items():
             if name not in self.cat:
@@ -88,26 +92,81 @@ class WeightStore:
                     f"{self.cat.model_dir}: tensor {name!r} has shape {list(self.cat[name].shape)} but config.json "
                     f"implies {list(shape)}; the config does not match the weights"
                 )
+        used = set(expected) | {n for names in self._experts.values() for n in names}
+        for name in (n for g in groups for n in g.tensors if n not in used):
+            if re.search(r"\.experts\.(?!\d)", name):
+                raise HeteroError(
+                    f"{self.cat.model_dir}: tensor {name!r} holds the experts of a layer fused in one tensor; hetero "
+                    "reads one tensor per expert (mlp.experts.E.gate_proj.weight, ...), as transformers' "
+                    "save_pretrained writes them: save the model again in that layout"
+                )
+            raise HeteroError(
+                f"{self.cat.model_dir}: the checkpoint has a tensor {name!r} that a {self.model.args.model_type} model "
+                "with this config.json does not use; the config does not match the weights"
+            )
+        self._check_experts()
+
+    def _check_experts(self):
+        """Every MoE layer has all its experts, each with the gate/up/down shapes config.json implies."""
+        args = self.model.args
+        C, I = args.hidden_size, args.moe_intermediate_size
+        want = ((I, C), (I, C), (C, I))  # gate, up, down
+        for block in self.model.moe_blocks():
+            for e in range(args.num_experts):
+                names = self._experts.get((block.layer_idx, e), (None, None, None))
+                for role, name, shape in zip(("gate", "up", "down"), names, want):
+                    if name is None:
+                        raise HeteroError(
+                            f"{self.cat.model_dir}: the checkpoint has no {role} matrix for expert {e} of layer "
+                            f"{block.layer_idx}, which the config requires"
+                        )
+                    if self.cat[name].shape != shape:
+                        raise HeteroError(
+                            f"{self.cat.model_dir}: tensor {name!r} has shape {list(self.cat[name].shape)} but "
+                            f"config.json implies {list(shape)}; the config does not match the weights"
+                        )
 
     # ------------------------------------------------------------ moving bytes
 
-    def _load(self, name: str, tier: str, purpose: str) -> torch.Tensor:
-        """Read one tensor from disk, in the compute dtype, into `tier`'s memory; reserved under `purpose`."""
-        info = self.cat[name]
-        host_tier = "cpu"
-        raw_bytes = info.nbytes
-        self.acc.reserve(host_tier, raw_bytes, purpose if tier == "cpu" else "staging")
-        t = self.cat.read(name)
-        self.io["disk_read_bytes"] += raw_bytes
+    def _host_rows(self, name: str, start: int, stop: int, purpose: str, src=None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor read into host memory in the compute dtype, reserved on the cpu tier."""
+        src = src or self.cat
+        info = src[name]
+        n = (stop - start) * prod(info.shape[1:])
+        raw = n * info.dtype.itemsize
+        self.acc.reserve("cpu", raw, purpose)
+        whole = not info.shape or (start, stop) == (0, info.shape[0])
+        t = src.read(name) if whole else src.read_rows(name, start, stop)
+        self.io["disk_read_bytes"] += raw
         if t.dtype != self.dtype:
-            conv = prod(info.shape) * self.dtype.itemsize
-            self.acc.reserve(host_tier, conv, purpose if tier == "cpu" else "staging")
+            self.acc.reserve("cpu", n * self.dtype.itemsize, purpose)
             t = t.to(self.dtype)
-            self.acc.release(host_tier, raw_bytes, purpose if tier == "cpu" else "staging")
-            raw_bytes = conv
+            self.acc.release("cpu", raw, purpose)
+        return t
+
+    def _load(self, name: str, tier: str, purpose: str, src=None) -> torch.Tensor:
+        """Read one tensor from disk, in the compute dtype, into `tier`'s memory; reserved under `purpose`.
+
+        A tensor bound for the gpu passes through host memory in slices of at most LM_HEAD_CHUNK_BYTES
+        (in the compute dtype), which bounds the host staging that placement.plan.staging_bytes counts.
+        """
+        src = src or self.cat
+        info = src[name]
+        rows = info.shape[0] if info.shape else 1
         if tier == "cpu":
-            return t
-        return self._host_to_gpu(t, raw_bytes, purpose, release_host=True)
+            return self._host_rows(name, 0, rows, purpose, src)
+        step = max(1, LM_HEAD_CHUNK_BYTES // max(1, prod(info.shape[1:]) * self.dtype.itemsize))
+        if step >= rows:
+            t = self._host_rows(name, 0, rows, "staging", src)
+            return self._host_to_gpu(t, t.nbytes, purpose, release_host=True)
+        self.acc.reserve("gpu", prod(info.shape) * self.dtype.itemsize, purpose)
+        out = torch.empty(info.shape, dtype=self.dtype, device=self.device.torch_device)
+        for start in range(0, rows, step):
+            part = self._host_rows(name, start, min(rows, start + step), "staging", src)
+            out[start:start + part.shape[0]].copy_(part)
+            self.io["host_to_device_bytes"] += part.nbytes
+            self.acc.release("cpu", part.nbytes, "staging")
+        return out
 
     def _host_to_gpu(self, t: torch.Tensor, nbytes: int, purpose: str, release_host: bool) -> torch.Tensor:
         self.acc.reserve("gpu", nbytes, purpose)
@@ -120,7 +179,7 @@ class WeightStore:
     def _fetch(self, name: str, group: str) -> torch.Tensor:
         """One tensor of a non-compute-tier group on the compute device, reserved as staging."""
         if self.plan.tiers[group] == "disk":
-            return self._load(name, self.compute, "staging")
+            return self._load(name, self.compute, "staging", self.disk)
         t = self.resident[group][name]  # cpu tier, computing on the gpu
         return self._host_to_gpu(t, t.nbytes, "staging", release_host=False)
 
@@ -180,7 +239,7 @@ class WeightStore:
         if self.plan.tiers["embed"] == "cpu":
             rows = self.resident["embed"]["model.embed_tokens.weight"][uniq]
         else:
-            rows = torch.cat([self.cat.read_rows("model.embed_tokens.weight", i, i + 1) for i in uniq.tolist()])
+            rows = torch.cat([self.disk.read_rows("model.embed_tokens.weight", i, i + 1) for i in uniq.tolist()])
             self.io["disk_read_bytes"] += rows.nbytes
             rows = rows.to(self.dtype)
         rows = self.device.to_tier(rows, self.compute) if self.compute == "gpu" else rows
@@ -207,14 +266,7 @@ class WeightStore:
         nbytes = (stop - start) * C * self.dtype.itemsize
         if tier == "cpu":  # computing on the gpu
             return self._host_to_gpu(self.resident[self.head_group][self.head_name][start:stop], nbytes, "staging", False)
-        raw = (stop - start) * C * self.cat[self.head_name].dtype.itemsize
-        self.acc.reserve("cpu", raw, "staging")
-        w = self.cat.read_rows(self.head_name, start, stop)
-        self.io["disk_read_bytes"] += raw
-        if w.dtype != self.dtype:
-            self.acc.reserve("cpu", nbytes, "staging")
-            w = w.to(self.dtype)
-            self.acc.release("cpu", raw, "staging")
+        w = self._host_rows(self.head_name, start, stop, "staging", self.disk)
         if self.compute == "gpu":
             return self._host_to_gpu(w, nbytes, "staging", release_host=True)
         return w
