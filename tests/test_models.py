@@ -137,3 +137,17 @@ def test_fused_expert_checkpoint_is_refused(tmp_path):
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(HeteroError, match="fused"):
         load_offloaded(model_dir, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+def test_sliding_window_matches_transformers(tmp_path, family):
+    model_dir, hf = tiny_checkpoint(tmp_path, family, sliding_window=8)
+    ids = torch.randint(2, VOCAB - 1, (B, T), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref_logits = hf(ids).logits
+        ref_tokens = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                                 do_sample=False, pad_token_id=0, eos_token_id=EOS)
+    model = load_offloaded(model_dir, **_plan("cpu_disk", model_dir))
+    assert (model(ids).logits - ref_logits).abs().max().item() <= ATOL
+    tokens = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    assert torch.equal(tokens, ref_tokens)

@@ -152,11 +152,13 @@ class Attention(nn.Module):
         clip_qkv: clamp q, k and v to [-clip_qkv, clip_qkv] after the projections (OLMoE).
         o_bias: o_proj carries a bias; None follows config.json's attention_bias (Llama, Qwen3, OLMoE
             put it on all four projections; Qwen2 configs have no such key).
+        window: sliding-window size (Mistral, Mixtral): a query sees only the last `window` keys.
     """
 
     def __init__(self, args: ModelArgs, qkv_bias: bool = False, qk_norm: str | None = None, clip_qkv=None,
-                 o_bias: bool | None = None):
+                 o_bias: bool | None = None, window: int | None = None):
         super().__init__()
+        self.window = window
         C, H, K, D = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.H, self.K, self.D = H, K, D
         self.q_proj = meta_linear(C, H * D, qkv_bias)
@@ -186,11 +188,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = kv.length
         k, v = kv.append(k, v)  # [B, K, S, D]
+        S = past + T
         mask, causal = None, T > 1
-        if T > 1 and past > 0:
-            # new token i sits at position past+i: it sees every cached key and the new ones up to itself
-            S = past + T
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if (T > 1 and past > 0) or (self.window is not None and S > self.window):
+            # new token i sits at position past+i: it sees the cached keys and the new ones up to itself
+            # (and, with a sliding window, none older than window-1 positions back)
+            qpos = torch.arange(past, S, device=x.device)[:, None]
+            kpos = torch.arange(S, device=x.device)[None, :]
+            mask = kpos <= qpos
+            if self.window is not None:
+                mask &= kpos > qpos - self.window
             causal = False
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.D ** -0.5, enable_gqa=self.K != self.H

@@ -18,7 +18,7 @@ EXPERT_ROLES = {"w1": "gate", "w3": "up", "w2": "down"}
 def build(args: ModelArgs) -> CausalLM:
     # Mixtral always renormalises its top-k routing weights and has no projection biases
     layers = [
-        DecoderLayer(args, Attention(args, o_bias=False), SparseMoE(args, i, norm_topk=True),
+        DecoderLayer(args, Attention(args, o_bias=False, window=args.sliding_window), SparseMoE(args, i, norm_topk=True),
                      ffn_name="block_sparse_moe")
         for i in range(args.num_hidden_layers)
     ]
