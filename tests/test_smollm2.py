@@ -32,3 +32,14 @@ def test_answers_paris_from_disk(smollm2_dir):
     answer = "".join(model.stream("What is the capital of France?", max_new_tokens=20))
     assert "Paris" in answer
     assert model.stats()["decode_disk_read_bytes_per_token"] > 100 * 2**20
+
+
+def test_stream_stops_at_a_stop_string_and_reports_counts(smollm2_dir):
+    model = hetero.load_offloaded(smollm2_dir, context=512)
+    stats = {}
+    text = "".join(model.stream("What is the capital of France?", max_new_tokens=30, stop=["Paris"], stats=stats))
+    assert "Paris" not in text and "capital" in text
+    assert 0 < stats["generated_tokens"] < 30 and stats["prompt_tokens"] > 10
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in "".join(model.stream(messages, max_new_tokens=10))
