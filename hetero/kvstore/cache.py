@@ -6,6 +6,7 @@ Shape legend: B batch, K key/value heads, S tokens cached, D head dim.
 """
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import HeteroError
 
@@ -34,6 +35,37 @@ class LayerKV:
         self.v[:, :, self.length:need] = v
         self.length = need
         return self.k[:, :, :need], self.v[:, :, :need]
+
+    def attend(self, q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
+        """Cache the new k/v [B, K, T, D] and attend the queries q [B, H, T, D] to everything cached.
+
+        Args:
+            scale: softmax scale (usually D ** -0.5).
+            window: sliding-window size (a query sees only the last `window` keys), or None.
+        Returns:
+            [B, H, T, D] attention output.
+        """
+        past = self.length
+        k, v = self.append(k, v)  # [B, K, S, D]
+        return dense_attention(q, k, v, past, scale, window)
+
+
+def dense_attention(q, k, v, past: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """SDPA of the new queries q [B, H, T, D] (positions past..past+T-1) over keys k, v [B, K, S, D] (positions 0..S-1)."""
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    mask, causal = None, T > 1
+    if (T > 1 and past > 0) or (window is not None and S > window):
+        # new token i sits at position past+i: it sees the cached keys and the new ones up to itself
+        # (and, with a sliding window, none older than window-1 positions back)
+        qpos = torch.arange(past, S, device=q.device)[:, None]
+        kpos = torch.arange(S, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != H
+    )  # [B, H, T, D]
 
 
 class KVCache:
