@@ -11,8 +11,9 @@ import torch
 from .checkpoint.catalogue import Catalogue
 from .config import ModelArgs
 from .errors import HeteroError
-from .flash.offload import offload_copy
+from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
+from .kvstore import factory as kvstore
 from .models import family_for
 from .placement.greedy import greedy_plan
 from .placement.groups import make_groups
@@ -143,7 +144,18 @@ class OffloadedModel:
                 f"{phase}_disk_read_bytes_per_token": t[f"{phase}_disk_read_bytes"] / n if n else None,
                 f"{phase}_host_to_device_bytes_per_token": t[f"{phase}_host_to_device_bytes"] / n if n else None,
             })
+            busy, stall = t[f"{phase}_io_busy_s"], t[f"{phase}_io_stall_s"]
+            out.update({  # the disk pipeline: achieved read bandwidth, time the compute waited, share hidden
+                f"{phase}_disk_read_gbps": t[f"{phase}_disk_read_bytes"] / busy / 1e9 if busy else None,
+                f"{phase}_io_stall_s_per_token": stall / n if n else None,
+                f"{phase}_io_hidden_fraction": max(0.0, 1 - stall / busy) if busy else None,
+            })
         out["decode_s_per_token"] = t["decode_s"] / t["decode_tokens"] if t["decode_tokens"] else None
+        out["predicted_decode_s_per_token"] = _predicted_decode(self)
+        w = self.executor.store
+        out["io"] = {"prefetch_depth": self.plan.depth, "pack": str(w.pack.path) if w.pack else None,
+                     "pack_dtype": w.pack.format.tag if w.pack else None,
+                     "reader": w.reader.kind if w.reader else None, "direct_io": bool(w.reader and w.direct)}
         out["resident_bytes"] = self.executor.store.resident_bytes()
         out["memory"] = self.accountant.snapshot()
         out["device"] = self.device.name()
@@ -156,6 +168,64 @@ class OffloadedModel:
 
     def plan_rows(self):
         return plan_table(self.plan, self.groups)
+
+
+def _predicted_decode(m) -> float | None:
+    """The cost model's decode seconds per token for this plan and the tokens run so far (None without a profile)."""
+    from .placement import hardware
+    from .placement.cost import Workload, predict
+    from .placement.describe import describe
+
+    t = m.executor.timing
+    key = (t["prefill_tokens"], t["decode_tokens"])
+    cached = getattr(m, "_prediction", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    profile = getattr(m, "profile", None)
+    if profile is None:
+        return None
+    desc = getattr(m, "_desc", None)
+    if desc is None:
+        cat = Catalogue(m.path)
+        try:
+            desc = m._desc = describe(m.config, checkpoint_tensors(m.config, cat), m.dtype)
+        finally:
+            cat.close()
+    workload = Workload(prompt_tokens=max(1, t["prefill_tokens"]), new_tokens=max(1, t["decode_tokens"]),
+                        gpu="fake-gpu" if m.device.kind == "fake-gpu" else None)
+    s = predict(desc, m.plan, profile, workload).decode_s_per_token
+    m._prediction = (key, s)
+    return s
+
+
+def _profile_for(planner: str, profile, plan, say):
+    """The hardware profile to plan and predict with: the one given (object or JSON path), else this machine's
+    (measured once, quickly, when the cost planner needs one and none is cached), else None."""
+    from .placement import hardware
+
+    if planner not in ("cost", "greedy"):
+        raise HeteroError(f"planner {planner!r}: choose cost or greedy")
+    if profile is not None:
+        return profile if isinstance(profile, hardware.Profile) else hardware.Profile.load(profile)
+    if planner == "cost" and plan is None:
+        return hardware.ensure_profile(say)
+    return hardware.cached()
+
+
+def _plan_function(planner: str, profile, args, cat, dtype, device):
+    """A function with greedy_plan's signature that plans by `planner`: "cost" (the cost model) or "greedy"."""
+    if planner == "greedy":
+        return greedy_plan
+    from .placement.cost import Workload
+    from .placement.describe import describe
+    from .placement.planner import plan_model
+
+    desc = describe(args, checkpoint_tensors(args, cat), dtype)
+    workload = Workload(gpu="fake-gpu" if device.kind == "fake-gpu" else None)
+
+    def plan_fn(groups, args, dtype, budgets, compute, context, fixed_context=False, **staging):
+        return plan_model(desc, budgets, compute, context, profile, workload, fixed_context, **staging)
+    return plan_fn
 
 
 def _generation_defaults(path: Path) -> dict:
@@ -185,20 +255,87 @@ def _check_mask(mask):
         raise HeteroError("padded batches (attention_mask with zeros) are not supported yet; run sequences one at a time")
 
 
+def _ensure_pack(path: Path, cat, tensors, groups, fmt, disk_dir, acc, say, progress):
+    """The pack of the checkpoint in `fmt`, written now (once) if there is none or it is stale."""
+    roots = [disk_dir] if disk_dir is not None else [None, store.home() / "packs"]  # the model dir may be read-only
+    for root in roots:
+        dest = packs.pack_path(path, fmt, root)
+        found = packs.open_pack(dest, cat)
+        if found is not None:
+            return found
+    for root in roots:
+        dest = packs.pack_path(path, fmt, root)
+        say(f"packing {path.name} as {fmt.tag} into {dest} (the plan puts weights on disk; done once) ...")
+
+        def reserve(n):
+            (acc.reserve if n > 0 else acc.release)("cpu", abs(n), "staging")
+        try:
+            packs.write_pack(cat, tensors, groups, dest, fmt, progress=progress, reserve=reserve)
+            return packs.Pack(dest)
+        except PermissionError:
+            continue
+        except OSError as e:
+            raise HeteroError(f"{dest}: cannot write the pack ({e.strerror})") from None
+    raise HeteroError(f"{path}: no writable place for the pack; pass disk_dir (--disk-dir)")
+
+
+def pack_model(path_or_name, dtype=None, group_size=None, disk_dir=None, log_fn=None, progress=None) -> Path:
+    """Write (or rewrite) the pack of a model: `hetero pack`.
+
+    Args:
+        path_or_name: as for load_offloaded.
+        dtype: pack dtype (bf16, fp16, float32, int8, int4); default the checkpoint's own (lossless).
+        group_size: int8/int4 columns per scale (default 64).
+        disk_dir: where to write it; default inside the model's directory.
+    Returns:
+        The pack directory.
+    """
+    say = log_fn or log.info
+    path = store.resolve(path_or_name, log=say)
+    if disk_dir is not None and not Path(disk_dir).is_dir():
+        raise HeteroError(f"--disk-dir {disk_dir}: not a directory")
+    args = ModelArgs.from_dir(path)
+    fam = family_for(args)
+    cat = Catalogue(path)
+    ckpt = _dtype(None, cat)
+    groups = make_groups(checkpoint_tensors(args, cat), getattr(fam, "EXPERT_PATTERN", None), ckpt)
+    fmt = packs.PackFormat.parse(dtype or ckpt, group_size)
+    dest = packs.pack_path(path, fmt, disk_dir)
+    say(f"packing {path.name} as {fmt.tag} into {dest} ...")
+    try:
+        return packs.write_pack(cat, checkpoint_tensors(args, cat), groups, dest, fmt, progress=progress)
+    except OSError as e:
+        raise HeteroError(f"{dest}: cannot write the pack ({e.strerror})") from None
+
+
 def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None, device=None, plan=None,
-                   context: int | None = None, log_fn=None) -> OffloadedModel:
+                   context: int | None = None, log_fn=None, planner: str = "cost",
+                   profile=None, pack=None, progress=None, attention: str = "exact",
+                   kv_budget=None) -> OffloadedModel:
     """Load a model with its weights placed across gpu, cpu and disk within the given budgets.
 
     Args:
         path_or_name: an HF directory, a .gguf file, a model-store name or a catalogue name ("smollm2").
         vram: accelerator budget ("8GB", "512MiB", bytes); unused without an accelerator.
         ram: host-memory budget; default 80% of the RAM available now.
-        disk_dir: a directory to hold a copy of the disk-tier weights in the compute dtype, made once
-            and reused (default: disk-tier weights are read from the checkpoint's own files).
+        disk_dir: the directory for the pack that disk-tier weights are read from (default: inside the
+            model's directory, or the store when that is read-only). Packed once, reused after.
         dtype: compute dtype ("float32", "bfloat16", "float16"); default the checkpoint's.
         device: "cpu", "cuda" or "fake-gpu" (host memory standing in for a gpu); default: detected.
         plan: a Plan, or the path of a plan JSON, to use instead of planning.
         context: tokens of KV cache to reserve; default min(4096, the model's limit), shrunk to fit.
+        planner: "cost" (place by predicted time with the machine's hardware profile, measured once per
+            machine and cached) or "greedy" (fill the compute tier, then RAM, in execution order).
+        profile: a hardware.Profile or a profile JSON path to plan with (default: this machine's).
+            With a paged cache (attention="retrieval" or a kv_budget): the longest context accepted
+            (default: the model's limit).
+        pack: what disk-tier weights are read as: a pack dtype ("bf16", "fp16", "float32", "int8",
+            "int4", "int8-g32" for a group size) or a pack directory; default the compute dtype (lossless).
+        progress: callback(done, total) for the progress of packing, or None.
+        attention: "exact" (default) or "retrieval" (KV blocks off the compute device reached through a
+            per-head ANN index of their keys; hetero/kvstore/retrieval.py).
+        kv_budget: KV bytes kept on the compute device ("64MB"); past it, KV blocks go to RAM and disk.
+            Default with retrieval: the plan's reservation for a min(4096, limit)-token cache.
     Returns:
         An OffloadedModel.
     """
@@ -224,9 +361,23 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     max_ctx = args.max_position_embeddings
     if context is not None and not 0 < context <= max_ctx:
         raise HeteroError(f"context {context}: this model supports 1 to {max_ctx} tokens")
+    kvstore.check_attention(attention)
+    kv_budget = parse_size(kv_budget, "kv_budget")
+    paged = kvstore.paged(attention, kv_budget)
+    if paged:  # `context` bounds the sequence; the plan reserves only what the compute tier keeps
+        max_tokens, context = context or max_ctx, kvstore.tokens_for(kv_budget, args, cdtype) if kv_budget else None
+    tensors = checkpoint_tensors(args, cat)
+    opened = packs.Pack(pack) if pack is not None and Path(str(pack)).is_dir() else None
+    if opened is not None and opened.fingerprint != packs.fingerprint(cat):
+        raise HeteroError(f"{pack}: this pack was made from another checkpoint (or an older copy of {path}); "
+                          f"pack again with `hetero pack {path}`")
+    fmt = opened.format if opened else packs.PackFormat.parse(pack or cdtype)
+    extents = packs.staging_extents(opened.extents if opened else packs.layout(tensors, groups, fmt), cdtype)
+    profile = _profile_for(planner, profile, plan, say)
     if plan is None:
-        plan = greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
-                           fixed_context=context is not None)
+        plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev)
+        plan = plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
+                           fixed_context=context is not None, extents=extents)
         if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
             notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
         source = "plan"
@@ -235,12 +386,15 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         if plan.kv_tokens > max_ctx:
             raise HeteroError(f"{source}: kv_tokens {plan.kv_tokens} exceeds the model's {max_ctx}-token limit")
-    validate(plan, groups, args, cdtype, dev.has_gpu, source)
+    validate(plan, groups, args, cdtype, dev.has_gpu, source, extents)
     acc = Accountant(plan.budgets)
     model = fam.build(args)
-    disk_cat = offload_copy(cat, groups, plan, disk_dir, cdtype, acc, log=say) if disk_dir is not None else None
-    weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype, disk_cat)
-    executor = Executor(model, weights, plan, dev, acc)
+    if "disk" in plan.tiers.values() and opened is None:
+        opened = _ensure_pack(path, cat, tensors, groups, fmt, disk_dir, acc, say, progress)
+    weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype, pack=opened)
+    kv = kvstore.kv_cache_factory(attention, plan, groups, args, cdtype, dev, acc, max_tokens, disk_dir,
+                                  extents) if paged else None
+    executor = Executor(model, weights, plan, dev, acc, kv_cache=kv)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer
@@ -249,4 +403,6 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     say(f"loaded {path.name}: {args.model_type}, {args.num_hidden_layers} layers, {cdtype}, compute on {dev.name()}")
     for n in notes:
         say(n)
-    return OffloadedModel(path, args, tokenizer, plan, groups, executor, acc, dev, cdtype, notes)
+    m = OffloadedModel(path, args, tokenizer, plan, groups, executor, acc, dev, cdtype, notes)
+    m.profile = profile  # for predicted_decode_s_per_token in stats()
+    return m

@@ -18,7 +18,7 @@ from .sizes import format_size
 err = Console(stderr=True, highlight=False)
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool, what: str = "importing tensors"):
     """A (context manager, callback(done, total)) pair drawing a progress bar on stderr."""
     if quiet:
         class _Null:
@@ -30,11 +30,24 @@ def _progress(quiet: bool):
         return _Null(), None
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeRemainingColumn(), console=err, transient=True)
-    task = bar.add_task("importing tensors", total=None)
+    task = None
 
     def update(done, total):
+        nonlocal task
+        if task is None:  # drawn from the first update on: a load that packs nothing shows no bar
+            task = bar.add_task(what, total=total)
         bar.update(task, completed=done, total=total)
     return bar, update
+
+
+def _kv_option(ctx, param, value):
+    # --attention / --kv-budget reach _load through the click context, so the commands' signatures stay as they are
+    ctx.meta[f"hetero.{param.name}"] = value
+
+
+def _planner_option(ctx, param, value):
+    # reaches _load through the click context, so the commands' signatures stay as they are
+    ctx.meta["hetero.planner"] = value
 
 
 def load_options(f):
@@ -47,6 +60,18 @@ def load_options(f):
         click.option("--device", type=click.Choice(["cpu", "cuda", "fake-gpu"]), help="Compute device (default: detected)."),
         click.option("--plan", "plan_file", type=click.Path(), help="Use this plan JSON instead of planning."),
         click.option("--context", type=int, help="Tokens of KV cache to reserve (default: up to 4096, shrunk to fit)."),
+        # kept in the click context (not a parameter of every command): _load reads it
+        click.option("--pack", expose_value=False, callback=lambda ctx, _p, v: ctx.meta.__setitem__("hetero.pack", v),
+                     help="Read disk-tier weights from a pack of this dtype: bf16, fp16, float32, int8, int4 "
+                          "(int8-g32: group size 32), or a pack directory (default: the compute dtype, lossless)."),
+        click.option("--planner", type=click.Choice(["cost", "greedy"]), default="cost", show_default=True,
+                     expose_value=False, callback=_planner_option,
+                     help="cost: place by predicted time (hetero plan); greedy: fill gpu, then RAM, in order."),
+        click.option("--attention", type=click.Choice(["exact", "retrieval"]), default="exact", show_default=True,
+                     expose_value=False, callback=_kv_option,
+                     help="retrieval: decode attends to the KV kept on the device and to the top-k keys of the rest."),
+        click.option("--kv-budget", expose_value=False, callback=_kv_option,
+                     help="KV bytes kept on the compute device, e.g. 64MB; the rest goes to RAM and disk."),
         click.option("--quiet", "-q", is_flag=True, help="No logs or placement table, only the answer."),
     ]):
         f = opt(f)
@@ -79,8 +104,13 @@ def _load(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet):
         from . import store
 
         path = store.resolve(model, log=say, progress=update)
-    m = load_offloaded(path, vram=vram, ram=ram, disk_dir=disk_dir, dtype=dtype, device=device, plan=plan_file,
-                       context=context, log_fn=say)
+    meta = click.get_current_context().meta
+    bar, update = _progress(quiet, "packing (bytes)")  # shown only when a plan puts weights on disk the first time
+    with bar:
+        m = load_offloaded(path, vram=vram, ram=ram, disk_dir=disk_dir, dtype=dtype, device=device, plan=plan_file,
+                           context=context, log_fn=say, pack=meta.get("hetero.pack"), progress=update,
+                           planner=meta.get("hetero.planner", "cost"), attention=meta.get("hetero.attention", "exact"),
+                           kv_budget=meta.get("hetero.kv_budget"))
     if not quiet:
         _print_plan(m)
     return m
@@ -97,6 +127,11 @@ def _print_plan(m):
     err.print("resident: " + ", ".join(f"{t} {format_size(n)}" for t, n in res.items()), markup=False)
 
 
+def _predicted_line(m) -> str:
+    p = m.stats().get("predicted_decode_s_per_token")
+    return f"\npredicted decode: {1 / p:.2f} tokens/s ({1e3 * p:.1f} ms/token, cost model)" if p else ""
+
+
 def _params(model, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, stop):
     from .generate import SamplingParams
 
@@ -111,13 +146,28 @@ def _stats_json(m, gen: dict) -> dict:
         "prompt_tokens": gen.get("prompt_tokens"), "generated_tokens": gen.get("generated_tokens"),
         "prefill_tokens_per_s": s["prefill_tokens_per_s"], "decode_tokens_per_s": s["decode_tokens_per_s"],
         "decode_s_per_token": s["decode_s_per_token"],
+        "predicted_decode_s_per_token": s.get("predicted_decode_s_per_token"),
         "decode_disk_read_bytes_per_token": s["decode_disk_read_bytes_per_token"],
         "decode_host_to_device_bytes_per_token": s["decode_host_to_device_bytes_per_token"],
         "resident_bytes": s["resident_bytes"],
         "peak_bytes": {t: v["peak_bytes"] for t, v in s["memory"].items()},
         "budget_bytes": {t: v["budget_bytes"] for t, v in s["memory"].items()},
         "kv_tokens": m.plan.kv_tokens, "device": s["device"], "notes": s["notes"],
+        "decode_disk_read_gbps": s["decode_disk_read_gbps"], "decode_io_stall_s_per_token": s["decode_io_stall_s_per_token"],
+        "decode_io_hidden_fraction": s["decode_io_hidden_fraction"], "io": s["io"],
     }
+
+
+def _io_line(s: dict) -> str:
+    """The disk pipeline's figures for --stats."""
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+    io = s["io"]
+    return (f"disk reads (decode): {f(s['decode_disk_read_gbps'], '.2f')} GB/s while reading, "
+            f"{f(s['decode_io_stall_s_per_token'], '.4f')} s/token stalled, "
+            f"{f(s['decode_io_hidden_fraction'] and 100 * s['decode_io_hidden_fraction'], '.0f')}% of read time hidden; "
+            f"prefetch depth {io['prefetch_depth']}, pack {io['pack_dtype'] or '-'}, reader {io['reader'] or '-'}"
+            f"{' (direct I/O)' if io['direct_io'] else ''}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -155,7 +205,7 @@ def run(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet, ma
         return
     sys.stdout.write("\n")
     if stats:
-        err.print(format_stats(m.stats()), markup=False)
+        err.print(format_stats(m.stats()) + _predicted_line(m) + "\n" + _io_line(m.stats()), markup=False)
 
 
 def _chat(m, params, system, stats):
@@ -164,7 +214,7 @@ def _chat(m, params, system, stats):
     session = ChatSession(m, params, system)
     repl(session)
     if stats:
-        err.print(format_stats(m.stats()), markup=False)
+        err.print(format_stats(m.stats()) + _predicted_line(m) + "\n" + _io_line(m.stats()), markup=False)
 
 
 @cli.command()
@@ -180,6 +230,24 @@ def chat(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet, m
 
 
 @cli.command()
+@click.argument("model")
+@load_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback lets other machines use the model.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait while one is answered; more are refused with 429.")
+def serve(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet, host, port, max_queue):
+    """Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from .server import bind, serve as serve_forever
+
+    sock = bind(host, port)  # before loading: a busy port fails at once, not after the load
+    m = _load(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet)
+    serve_forever(m, m.path.name, sock, max_queue=max_queue, quiet=quiet,
+                  log_fn=lambda s: err.print(s, markup=False, soft_wrap=True))
+
+
+@cli.command()
 @click.argument("name")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
@@ -191,6 +259,24 @@ def pull(name, dtype, quiet):
     with bar:
         path = store.pull(name, dtype=dtype, progress=update, log=(lambda *_: None) if quiet else err.print)
     click.echo(f"{name}: {path}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "float32", "int8", "int4"]),
+              help="What to store: default the checkpoint's own dtype (lossless); int8/int4 quantize weights.")
+@click.option("--group-size", type=int, default=64, show_default=True, help="int8/int4: input columns per scale.")
+@click.option("--disk-dir", type=click.Path(), help="Write the pack here (default: inside the model's directory).")
+@click.option("--quiet", "-q", is_flag=True)
+def pack(model, dtype, group_size, disk_dir, quiet):
+    """Write MODEL's weights as a pack for fast disk reads (done automatically on first need)."""
+    from .api import pack_model
+
+    say = (lambda *_: None) if quiet else (lambda m: err.print(m, markup=False))
+    bar, update = _progress(quiet, "packing (bytes)")
+    with bar:
+        path = pack_model(model, dtype=dtype, group_size=group_size, disk_dir=disk_dir, log_fn=say, progress=update)
+    click.echo(f"{model}: {path}")
 
 
 @cli.command(name="import")
@@ -238,6 +324,78 @@ def rm(name):
 
     store.remove(name)
     click.echo(f"removed {name}")
+
+
+@cli.command()
+@click.option("--disk-dir", type=click.Path(), help="Measure the disk holding this directory (default: the model store).")
+@click.option("--refresh", is_flag=True, help="Measure again even if a profile of this hardware is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profile(disk_dir, refresh, as_json):
+    """Measure this machine (capacities, disk, copies, compute) for the planner; cached until the hardware changes."""
+    from .placement import hardware
+
+    say = (lambda *_: None) if as_json else (lambda m: err.print(m, markup=False))
+    p = hardware.get_profile(disk_dir, refresh=refresh, log=say)
+    if as_json:
+        click.echo(p.to_json())
+        return
+    table = Table(title=f"hardware profile ({hardware.cache_path()})", title_justify="left")
+    table.add_column("what")
+    table.add_column("measured")
+    for row in hardware.profile_rows(p):
+        table.add_row(*row)
+    Console(highlight=False).print(table)
+
+
+@cli.command(name="plan")
+@click.argument("model")
+@click.option("--vram", help="Accelerator memory budget, e.g. 24GB (default: the accelerator's memory).")
+@click.option("--ram", help="Host memory budget, e.g. 64GB (default: 80% of available RAM).")
+@click.option("--context", type=int, help="Tokens of KV cache to reserve (default: up to 4096, shrunk to fit).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype (default: the checkpoint's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "fake-gpu"]), help="Compute device (default: the profiled one).")
+@click.option("--planner", type=click.Choice(["cost", "greedy"]), default="cost", show_default=True)
+@click.option("--prompt-tokens", default=128, show_default=True, help="Prompt length the prediction assumes.")
+@click.option("--new-tokens", default=128, show_default=True, help="Answer length the prediction assumes.")
+@click.option("--profile", "profile_file", type=click.Path(), help="A profile JSON (`hetero profile --json`) instead of this machine's.")
+@click.option("--save", type=click.Path(), help="Write the plan JSON here, for `hetero run --plan`.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens, profile_file, save, as_json):
+    """Plan MODEL's placement and predict its speed, from config.json and safetensors headers only (no weights read)."""
+    from .placement.summary import plan_command
+
+    say = (lambda *_: None) if as_json else (lambda m: err.print(m, markup=False))
+    data, plan, rows = plan_command(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens,
+                                    profile_file, log=say)
+    if save:
+        plan.save(save)
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    out = Console(highlight=False)
+    table = Table(title=f"{planner} plan for {data['model']} ({data['parameters'] / 1e9:.2f}B parameters, {data['dtype']}, "
+                        f"{'config.json only' if data['source'] == 'config' else 'headers'}; {data['kv_tokens']}-token KV "
+                        f"on {data['compute']})", title_justify="left")
+    for col in ("layers", "placement", "size", "KV", "bottleneck", "ms/token"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    for tier, u in data["tiers"].items():
+        budget = "" if u["budget_bytes"] is None else f" of {format_size(u['budget_bytes'])}"
+        out.print(f"{tier}: {format_size(u['total_bytes'])}{budget} (weights {format_size(u['weights_bytes'])}, "
+                  f"staging {format_size(u['staging_bytes'])}, KV {format_size(u['kv_bytes'])})", markup=False)
+    p = data["predicted"]
+    out.print(f"predicted on {data['compute_device']}: prefill {p['prefill_tokens_per_s']:.1f} tokens/s "
+              f"({p['prompt_tokens']}-token prompt), decode {p['decode_tokens_per_s']:.2f} tokens/s "
+              f"({1e3 * p['decode_s_per_token']:.1f} ms/token); bottleneck: {p['bottleneck']}", markup=False)
+    mn = data["minimum"]
+    flags = [f"--ram {format_size(mn['cpu_bytes'])}"] + ([f"--vram {format_size(mn['gpu_bytes'])}"] if "gpu_bytes" in mn else [])
+    out.print(f"runs at all with: {', '.join(flags)} (a {mn['context']}-token KV cache)", markup=False)
+    for n in data["notes"]:
+        out.print(n, markup=False)
+    if save:
+        out.print(f"plan written to {save}", markup=False)
 
 
 def main(argv=None):

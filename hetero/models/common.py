@@ -186,22 +186,8 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, K, T, D]
         v = v.view(B, T, self.K, self.D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = kv.length
-        k, v = kv.append(k, v)  # [B, K, S, D]
-        S = past + T
-        mask, causal = None, T > 1
-        if (T > 1 and past > 0) or (self.window is not None and S > self.window):
-            # new token i sits at position past+i: it sees the cached keys and the new ones up to itself
-            # (and, with a sliding window, none older than window-1 positions back)
-            qpos = torch.arange(past, S, device=x.device)[:, None]
-            kpos = torch.arange(S, device=x.device)[None, :]
-            mask = kpos <= qpos
-            if self.window is not None:
-                mask &= kpos > qpos - self.window
-            causal = False
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.D ** -0.5, enable_gqa=self.K != self.H
-        )  # [B, H, T, D]
+        # the cache computes attention: exact over a contiguous or paged store, or by retrieval
+        o = kv.attend(q, k, v, self.D ** -0.5, self.window)  # [B, H, T, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 

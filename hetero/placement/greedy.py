@@ -9,19 +9,41 @@ from .groups import Group, kv_bytes_per_token
 from .plan import Plan, staging_bytes
 
 MIN_CONTEXT = 256  # below this a chat is not useful; say so instead of planning it
+# Prefetch depth without a cost model: enough layers in flight to keep this many bytes of reads
+# queued (a deep enough queue for an NVMe SSD), at most MAX_DEPTH, and never more extra staging than
+# DEPTH_BUDGET_SHARE of the RAM budget — a byte kept resident saves a read every token, a byte of
+# read-ahead only hides one.
+READAHEAD_BYTES = 64 * 2**20
+MAX_DEPTH = 4
+DEPTH_BUDGET_SHARE = 0.125
 
 
-def minimum_bytes(groups: list[Group], args, dtype, compute: str, kv_tokens: int) -> dict[str, int]:
-    """The least each tier must hold to run at all: norms, worst-case staging and the KV cache."""
+def size_depth(groups: list[Group]) -> int:
+    """The prefetch depth derived from layer sizes alone (used when no cost model gives one)."""
+    per_layer: dict[int, int] = {}
+    for g in groups:
+        if g.kind in ("attn", "mlp"):
+            per_layer[g.layer] = per_layer.get(g.layer, 0) + g.nbytes
+    if not per_layer:
+        return 1
+    mean = sum(per_layer.values()) / len(per_layer)
+    return max(1, min(MAX_DEPTH, -(-READAHEAD_BYTES // max(1, int(mean)))))
+
+
+def minimum_bytes(groups: list[Group], args, dtype, compute: str, kv_tokens: int, depth: int = 1,
+                  extents: dict | None = None) -> dict[str, int]:
+    """The least each tier must hold to run at all: norms, worst-case staging (prefetch depth
+    `depth`, pack extents `extents`, see plan.staging_bytes) and the KV cache."""
     worst = {g.name: (compute if g.kind == "norms" else "disk") for g in groups}
-    need = staging_bytes(groups, worst, compute)
+    need = staging_bytes(groups, worst, compute, depth, extents)
     need[compute] = need.get(compute, 0) + sum(g.nbytes for g in groups if g.kind == "norms")
     need[compute] += kv_tokens * kv_bytes_per_token(args, dtype)
     return need
 
 
 def greedy_plan(
-    groups: list[Group], args, dtype, budgets: dict, compute: str, context: int, fixed_context: bool = False
+    groups: list[Group], args, dtype, budgets: dict, compute: str, context: int, fixed_context: bool = False,
+    depth: int | None = None, extents: dict | None = None,
 ) -> Plan:
     """Place groups greedily within the budgets.
 
@@ -31,6 +53,8 @@ def greedy_plan(
         compute: "gpu" or "cpu".
         context: tokens of KV cache to reserve.
         fixed_context: if False, the context may shrink (to MIN_CONTEXT at least) to fit the budget.
+        depth: prefetch depth; default size_depth(groups), lowered to fit the budget.
+        extents: the pack's extent sizes (plan.staging_bytes); default a pack in the compute dtype.
     Returns:
         A Plan that fits the budgets.
     Raises:
@@ -38,8 +62,8 @@ def greedy_plan(
     """
     budgets = {"gpu": budgets.get("gpu") if compute == "gpu" else None, "cpu": budgets.get("cpu"), "disk": None}
     ctx = context
-    while True:
-        need = minimum_bytes(groups, args, dtype, compute, ctx)
+    while True:  # the context first (at depth 1): a usable context matters more than read-ahead
+        need = minimum_bytes(groups, args, dtype, compute, ctx, 1, extents)
         short = {t: n for t, n in need.items() if budgets.get(t) is not None and n > budgets[t]}
         if not short or fixed_context or ctx <= MIN_CONTEXT:
             break
@@ -51,6 +75,14 @@ def greedy_plan(
             f"{flag} {format_size(budgets[tier])} is below this model's minimum working set on the {tier} tier: "
             f"{format_size(n)} (with a {ctx}-token KV cache); raise {flag} to at least {format_size(n)}"
         )
+    one, depth = need, depth or size_depth(groups)
+    while depth > 1:
+        need = minimum_bytes(groups, args, dtype, compute, ctx, depth, extents)
+        if all(budgets.get(t) is None or (need[t] <= budgets[t] and need[t] - one[t] <= DEPTH_BUDGET_SHARE * budgets[t])
+               for t in need):
+            break
+        depth -= 1
+    need = minimum_bytes(groups, args, dtype, compute, ctx, depth, extents)
     free = {t: (None if budgets[t] is None else budgets[t] - need.get(t, 0)) for t in budgets}
     order = ["gpu", "cpu"] if compute == "gpu" else ["cpu"]
     # an untied embedding is only gathered row by row, so it is the cheapest thing to leave on disk
@@ -68,4 +100,5 @@ def greedy_plan(
         else:
             tiers[g.name] = "disk"
     tiers = {g.name: tiers[g.name] for g in groups}
-    return Plan(tiers=tiers, compute=compute, budgets={k: v for k, v in budgets.items() if k != "disk"}, kv_tokens=ctx)
+    return Plan(tiers=tiers, compute=compute, budgets={k: v for k, v in budgets.items() if k != "disk"}, kv_tokens=ctx,
+                depth=depth)

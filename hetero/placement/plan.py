@@ -1,6 +1,7 @@
 """The Plan: a home tier for every tensor group, as data (frozen, JSON, editable by hand, validated)."""
 
 import json
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ TIERS = ("gpu", "cpu", "disk")
 # logits are computed over vocabulary slices of at most this many bytes of lm_head when it is not
 # resident on the compute tier, so streaming it never needs a buffer the size of the whole matrix
 LM_HEAD_CHUNK_BYTES = 16 * 2**20
+EXTENT_ALIGN = 4096  # pack extents start and end on this boundary (flash/pack.py ALIGN), for O_DIRECT
+HEAD_READ_SLACK = 4 * EXTENT_ALIGN  # a direct read of lm_head rows is widened to alignment (flash/pack.py READ_SLACK)
 
 
 @dataclass(frozen=True)
@@ -23,19 +26,22 @@ class Plan:
         compute: "gpu" or "cpu" — the tier whose device runs the model.
         budgets: tier -> bytes (None: no limit given).
         kv_tokens: tokens of KV cache reserved on the compute tier.
+        depth: prefetch depth — while layer j computes, reads for layers j+1..j+depth are in flight.
     """
 
     tiers: dict = field(hash=False)
     compute: str
     budgets: dict = field(hash=False)
     kv_tokens: int
+    depth: int = 1
 
     def tier(self, group: str) -> str:
         return self.tiers[group]
 
     def to_json(self) -> str:
         return json.dumps(
-            {"compute": self.compute, "kv_tokens": self.kv_tokens, "budgets": self.budgets, "tiers": self.tiers},
+            {"compute": self.compute, "kv_tokens": self.kv_tokens, "depth": self.depth, "budgets": self.budgets,
+             "tiers": self.tiers},
             indent=1,
         )
 
@@ -43,11 +49,14 @@ class Plan:
     def from_json(cls, text: str, source: str = "plan") -> "Plan":
         try:
             d = json.loads(text)
-            plan = cls(tiers=dict(d["tiers"]), compute=d["compute"], budgets=dict(d["budgets"]), kv_tokens=int(d["kv_tokens"]))
+            plan = cls(tiers=dict(d["tiers"]), compute=d["compute"], budgets=dict(d["budgets"]), kv_tokens=int(d["kv_tokens"]),
+                       depth=int(d.get("depth", 1)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise HeteroError(f"{source}: not a hetero plan ({e.__class__.__name__}: {e})") from None
         if plan.compute not in ("gpu", "cpu"):
             raise HeteroError(f"{source}: compute must be 'gpu' or 'cpu', not {plan.compute!r}")
+        if plan.depth < 1:
+            raise HeteroError(f"{source}: depth must be at least 1, not {plan.depth}")
         return plan
 
     def save(self, path: Path):
@@ -64,49 +73,124 @@ class Plan:
         return cls.from_json(path.read_text(), str(path))
 
 
-def staging_bytes(groups: list[Group], tiers: dict, compute: str) -> dict[str, int]:
+def _round_up(n: int, a: int = EXTENT_ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def staging_bytes(groups: list[Group], tiers: dict, compute: str, depth: int = 1, extents: dict | None = None) -> dict[str, int]:
+    return _staging(groups, tiers, compute, depth, extents)[0]
+
+
+def next_token_reads(groups: list[Group], tiers: dict, compute: str, depth: int = 1, extents: dict | None = None) -> int:
+    """How many reading layers of the next token the pipeline queues while lm_head streams.
+
+    As many of the first depth + 1 as fit beside lm_head's slice within the staging that the rest
+    of the schedule needs anyway, so reading ahead across tokens never raises a budget.
+    """
+    return _staging(groups, tiers, compute, depth, extents)[1]
+
+
+def _staging(groups: list[Group], tiers: dict, compute: str, depth: int, extents: dict | None) -> tuple[dict, int]:
     """Transient buffers the executor holds, per tier, to run groups that do not live on the compute tier.
 
-    One layer's attention and MLP are held together with one expert at a time; the layer is released
-    before the next, and before lm_head is streamed in LM_HEAD_CHUNK_BYTES slices.
+    Mirrors runtime/pipeline.py, which reserves exactly these buffers. Disk-tier groups are read
+    whole from the pack into host buffers of their extent's size: while layer j computes, the
+    reads of the first depth + 1 layers from j on that read anything are held (layers whose groups
+    are all resident are skipped, so reads run ahead of them); while lm_head computes, the first
+    such layers of the next token are already being read (next_token_reads). Computing on the cpu, a
+    group stored in the compute dtype is used in place (views); otherwise it is converted into
+    buffers of its compute-dtype size for layer j. Computing on the gpu, layers j and j+1 are on
+    the device (j+1 is copied while j computes), and a group that is not a view also holds its raw
+    bytes on the device while being decoded. One expert at a time is fetched on top; lm_head and
+    an off-device embedding are streamed in LM_HEAD_CHUNK_BYTES slices after the layers.
+
+    Args:
+        depth: the plan's prefetch depth.
+        extents: group name -> (extent bytes, data bytes, is a view) from the pack's layout; default:
+            a pack in the compute dtype (round_up(nbytes, 4 KiB), nbytes, True).
     """
-    per_layer: dict[int, int] = {}
-    max_expert: dict[int, int] = {}
-    head = host = 0
+    def ext(g):
+        if extents is not None and g.name in extents:
+            return extents[g.name]
+        return _round_up(max(g.nbytes, 1)), g.nbytes, True
+
+    n_layers = 1 + max([g.layer for g in groups if g.layer is not None], default=-1)
+    H = [0] * n_layers  # host bytes read per layer (disk-tier attn + mlp)
+    C = [0] * n_layers  # compute-dtype buffers of converted disk groups, computing on the cpu
+    D = [0] * n_layers  # device bytes per layer, computing on the gpu
+    Q = [0] * n_layers  # raw bytes on the device while one group decodes
+    X = [0] * n_layers  # one expert on the compute tier
+    XH = [0] * n_layers  # one disk expert's read buffer on the host, computing on the gpu
+    head = head_host = host = load = 0
     for g in groups:
         t = tiers[g.name]
-        if compute == "gpu" and t != "cpu":
-            # reads bound for the gpu (disk groups while running, gpu-resident ones while loading) pass
-            # through host memory one tensor, or one LM_HEAD_CHUNK_BYTES slice of one, at a time
+        if compute == "gpu" and t == "gpu":
+            # loading a gpu-resident group passes through host memory one tensor, or one
+            # LM_HEAD_CHUNK_BYTES slice of one, at a time
             host = max(host, int(min(g.stage_bytes, LM_HEAD_CHUNK_BYTES * (1 + g.raw_ratio))))
+        if t == compute and t == "cpu":
+            load = max(load, g.convert_extra)  # converting a resident tensor at load holds its raw copy
         if t == compute or g.kind == "norms":
             continue
-        if g.kind in ("attn", "mlp"):
-            per_layer[g.layer] = per_layer.get(g.layer, 0) + g.stage_bytes
-        elif g.kind == "expert":
-            max_expert[g.layer] = max(max_expert.get(g.layer, 0), g.stage_bytes)
-        elif g.kind in ("lm_head", "embed"):
-            head = max(head, int(min(g.nbytes, LM_HEAD_CHUNK_BYTES) * (1 + g.raw_ratio)))
-    layers = set(per_layer) | set(max_expert)
-    stage = max([per_layer.get(l, 0) + max_expert.get(l, 0) for l in layers] + [head, 0])
-    out = {compute: stage}
-    if compute == "gpu":
-        out["cpu"] = host
-    return out
+        e, r, view = ext(g) if t == "disk" else (0, g.nbytes, True)
+        if g.kind in ("lm_head", "embed"):
+            chunk = min(g.nbytes, LM_HEAD_CHUNK_BYTES)  # one slice in the compute dtype
+            raw = -(-chunk * r // max(g.nbytes, 1)) + HEAD_READ_SLACK if t == "disk" else 0  # the slice as stored
+            held = raw + (0 if view else chunk)
+            head = max(head, held if compute == "cpu" else chunk)
+            head_host = max(head_host, held if compute == "gpu" else 0)
+            continue
+        l = g.layer
+        if compute == "cpu":
+            if g.kind == "expert":
+                X[l] = max(X[l], e + (0 if view else g.nbytes))
+            else:
+                H[l] += e
+                C[l] += 0 if view else g.nbytes
+        else:
+            raw = 0 if view else r
+            if g.kind == "expert":
+                X[l] = max(X[l], g.nbytes + raw)
+                XH[l] = max(XH[l], e)
+            else:
+                D[l] += g.nbytes
+                Q[l] = max(Q[l], raw)
+                H[l] += e
+    reads = [l for l in range(n_layers) if H[l]]
+    window = [sum(H[k] for k in reads[bisect_left(reads, j):bisect_left(reads, j) + depth + 1])
+              for j in range(n_layers + 1)]  # window[n_layers] = 0
+    def ahead(base: int, beside: int) -> int:  # next-token reads that fit beside lm_head under `base`
+        k, used = 0, beside
+        while k < min(depth + 1, len(reads)) and used + H[reads[k]] <= base:
+            used += H[reads[k]]
+            k += 1
+        return k
+
+    if compute == "cpu":
+        stage = max([window[j] + C[j] + X[j] for j in range(n_layers)] + [head, load, 0])
+        return {"cpu": stage}, ahead(stage, head)
+    nxt = lambda a, j: a[j + 1] if j + 1 < n_layers else 0  # noqa: E731
+    gpu = max([D[j] + nxt(D, j) + max(Q[j], nxt(Q, j)) + X[j] for j in range(n_layers)] + [head, 0])
+    cpu = max([window[j] + XH[j] for j in range(n_layers)] + [head_host, host, 0])
+    return {"gpu": gpu, "cpu": cpu}, ahead(cpu, head_host)
 
 
-def tier_usage(groups: list[Group], plan: Plan, args, dtype) -> dict[str, dict[str, int]]:
-    """Bytes per tier the plan commits: resident weights, staging buffers and the KV cache."""
+def tier_usage(groups: list[Group], plan: Plan, args, dtype, extents: dict | None = None) -> dict[str, dict[str, int]]:
+    """Bytes per tier the plan commits: resident weights, staging buffers and the KV cache.
+
+    Args:
+        extents: the pack layout's extent sizes (see staging_bytes); default: a pack in the compute dtype.
+    """
     use = {t: {"weights": 0, "staging": 0, "kv": 0} for t in TIERS}
     for g in groups:
         use[plan.tiers[g.name]]["weights"] += g.nbytes
-    for t, n in staging_bytes(groups, plan.tiers, plan.compute).items():
+    for t, n in staging_bytes(groups, plan.tiers, plan.compute, plan.depth, extents).items():
         use[t]["staging"] += n
     use[plan.compute]["kv"] = plan.kv_tokens * kv_bytes_per_token(args, dtype)
     return use
 
 
-def validate(plan: Plan, groups: list[Group], args, dtype, has_gpu: bool, source: str = "plan"):
+def validate(plan: Plan, groups: list[Group], args, dtype, has_gpu: bool, source: str = "plan", extents: dict | None = None):
     """Check that a plan (maybe edited by hand) places every group and fits its budgets."""
     names = {g.name for g in groups}
     missing = [n for n in names if n not in plan.tiers]
@@ -122,7 +206,7 @@ def validate(plan: Plan, groups: list[Group], args, dtype, has_gpu: bool, source
         raise HeteroError(f"{source}: computes on the gpu, but there is no accelerator here; re-plan with --vram unset")
     if plan.compute == "cpu" and "gpu" in plan.tiers.values():
         raise HeteroError(f"{source}: places groups on the gpu tier but computes on the cpu")
-    for tier, use in tier_usage(groups, plan, args, dtype).items():
+    for tier, use in tier_usage(groups, plan, args, dtype, extents).items():
         budget = plan.budgets.get(tier)
         total = sum(use.values())
         if budget is not None and total > budget:

@@ -1,7 +1,12 @@
 """THE loop: run the model layer by layer, bringing each layer's weights to the compute device.
 
-    embed -> for each layer j: bind j's weights (resident, or fetched to staging), compute j,
-    release j -> final norm -> lm_head (streamed in vocabulary slices when off-device)
+    embed -> for each layer j:
+                 issue reads for j..j+depth      (disk -> host staging, on the reader's threads;
+                                                  layers with nothing to read are skipped over)
+                 copy j+1 to the device          (computing on the gpu)
+                 take j, compute j, release j    (j's reads waited for only if they are late)
+          -> issue the next token's first reads -> final norm -> lm_head (streamed in slices
+             when off-device)
 
 Shape legend: B batch, T new tokens, C hidden size, V vocabulary.
 """
@@ -17,21 +22,26 @@ from ..kvstore.cache import KVCache
 class Executor:
     """Args:
         model: the family's CausalLM (meta weights, bound by `store`).
-        store: runtime.weights.WeightStore.
-        plan: the Plan being run.
+        store: runtime.weights.WeightStore (its `pipe` is the prefetch pipeline this loop drives).
+        plan: the Plan being run (plan.depth: layers read ahead).
         device: runtime.device.Device.
         accountant: runtime.memory.Accountant.
+        kv_cache: a callable making a fresh KV cache per sequence (kvstore paged / retrieval); default
+            the contiguous KVCache of plan.kv_tokens.
     """
 
-    def __init__(self, model, store, plan, device, accountant):
+    def __init__(self, model, store, plan, device, accountant, kv_cache=None):
         self.model, self.store, self.plan = model, store, plan
+        self.kv_cache = kv_cache
         self.device, self.acc = device, accountant
         for block in model.moe_blocks():
             block.experts = ExpertDispatch(store, block.layer_idx)
         self.timing = {f"{phase}_{what}": 0 for phase in ("prefill", "decode")
-                       for what in ("s", "tokens", "disk_read_bytes", "host_to_device_bytes")}
+                       for what in ("s", "tokens", *store.io)}
 
     def new_cache(self) -> KVCache:
+        if self.kv_cache is not None:
+            return self.kv_cache()
         return KVCache(len(self.model.model.layers), self.plan.kv_tokens, self.acc, self.plan.compute)
 
     @torch.inference_mode()
@@ -48,15 +58,26 @@ class Executor:
         t0 = time.perf_counter()
         io0 = dict(self.store.io)
         B, T = input_ids.shape
-        h = self.store.embed(input_ids)  # [B, T, C]
-        cos, sin = self.model.rotary(cache.length, T, h.dtype, h.device)
-        for j, layer in enumerate(self.model.model.layers):
-            with self.store.layer(j):
+        pipe = self.store.pipe
+        try:
+            pipe.issue(0)  # usually queued by the previous token already
+            h = self.store.embed(input_ids)  # [B, T, C]
+            cos, sin = self.model.rotary(cache.length, T, h.dtype, h.device)
+            for j, layer in enumerate(self.model.model.layers):
+                pipe.issue(j)  # reads for the next depth + 1 reading layers, into bounded host buffers
+                pipe.copy(j + 1)  # j+1 onto the device (gpu compute only)
+                bound = self.store.bind(pipe.take(j))  # j's weights; waits only if its reads are late
                 h = layer(h, cos, sin, cache[j])
-        h = self.model.model.norm(h)
-        if last_only:
-            h = h[:, -1:]
-        logits = self.store.logits(h)
+                self.store.unbind(bound)
+                pipe.release(j)  # compute is synchronous (or stream-ordered on cuda): j's buffers are free
+            pipe.issue_next()  # the next token's first reads run while lm_head streams
+            h = self.model.model.norm(h)
+            if last_only:
+                h = h[:, -1:]
+            logits = self.store.logits(h)
+        except BaseException:
+            pipe.abort()  # wait for reads in flight, then free every staging buffer
+            raise
         self.device.synchronize()
         phase = "decode" if T == 1 and cache.length > 1 else "prefill"
         self.timing[f"{phase}_s"] += time.perf_counter() - t0

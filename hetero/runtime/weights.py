@@ -2,9 +2,12 @@
 
 Groups on the compute tier are bound into the model's modules once. Others are materialised on the
 compute device for the duration of one layer (or one expert, or one slice of lm_head) and then
-dropped; every byte held, resident or transient, is reserved with the accountant first.
+dropped; every byte held, resident or transient, is reserved with the accountant first. Resident
+groups are loaded from the checkpoint; disk-tier groups are read from the pack (flash/pack.py) by
+the prefetch pipeline (runtime/pipeline.py), which the executor drives.
 """
 
+import os
 import re
 from contextlib import contextmanager
 from math import prod
@@ -13,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HeteroError
+from ..flash.reader import make_reader, open_file
 from ..placement.groups import Group
-from ..placement.plan import LM_HEAD_CHUNK_BYTES, Plan
+from ..placement.plan import HEAD_READ_SLACK, LM_HEAD_CHUNK_BYTES, Plan
+from .pipeline import Prefetcher
 
 SKIPPED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed from the config
 
@@ -29,17 +34,25 @@ class WeightStore:
         device: runtime.device.Device.
         accountant: runtime.memory.Accountant.
         dtype: compute dtype.
-        disk_catalogue: a copy of the disk-tier tensors (flash/offload.py); default: the checkpoint.
+        pack: the opened flash.pack.Pack that disk-tier groups are read from (needed when any is on disk).
+        reader: a flash.reader reader (default: the native one when built).
     """
 
     def __init__(self, model, family, catalogue, groups: list[Group], plan: Plan, device, accountant, dtype,
-                 disk_catalogue=None):
+                 pack=None, reader=None):
         self.model, self.cat, self.plan = model, catalogue, plan
-        self.disk = disk_catalogue or catalogue  # where disk-tier groups are read from
         self.device, self.acc, self.dtype = device, accountant, dtype
         self.compute = plan.compute
         self.groups = {g.name: g for g in groups}
-        self.io = {"disk_read_bytes": 0, "host_to_device_bytes": 0}
+        # bytes read from disk / copied to the device, seconds the compute thread waited on reads,
+        # seconds the disk was busy with our reads (the union of their intervals)
+        self.io = {"disk_read_bytes": 0, "host_to_device_bytes": 0, "io_stall_s": 0.0, "io_busy_s": 0.0}
+        self.pack, self.reader, self.pack_fd = pack, None, None
+        if "disk" in plan.tiers.values():
+            if pack is None:
+                raise ValueError("a plan with disk-tier groups needs a pack to read them from")
+            self.reader = reader or make_reader()
+            self.pack_fd, self.direct = open_file(pack.file, direct=True)
         self._slots = self._bindings(model)
         self._placeholders = {n: getattr(m, a) for n, (m, a) in self._slots.items()}
         self._experts = self._expert_names(family, groups)
@@ -58,6 +71,7 @@ class WeightStore:
         tied = model.lm_head is None
         self.head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         self.head_group = "embed" if tied else "lm_head"
+        self.pipe = Prefetcher(self, plan.depth)
 
     # ------------------------------------------------------------ set-up
 
@@ -128,9 +142,9 @@ class WeightStore:
 
     # ------------------------------------------------------------ moving bytes
 
-    def _host_rows(self, name: str, start: int, stop: int, purpose: str, src=None) -> torch.Tensor:
+    def _host_rows(self, name: str, start: int, stop: int, purpose: str) -> torch.Tensor:
         """Rows [start, stop) of a tensor read into host memory in the compute dtype, reserved on the cpu tier."""
-        src = src or self.cat
+        src = self.cat
         info = src[name]
         n = (stop - start) * prod(info.shape[1:])
         raw = n * info.dtype.itemsize
@@ -144,25 +158,24 @@ class WeightStore:
             self.acc.release("cpu", raw, purpose)
         return t
 
-    def _load(self, name: str, tier: str, purpose: str, src=None) -> torch.Tensor:
+    def _load(self, name: str, tier: str, purpose: str) -> torch.Tensor:
         """Read one tensor from disk, in the compute dtype, into `tier`'s memory; reserved under `purpose`.
 
         A tensor bound for the gpu passes through host memory in slices of at most LM_HEAD_CHUNK_BYTES
         (in the compute dtype), which bounds the host staging that placement.plan.staging_bytes counts.
         """
-        src = src or self.cat
-        info = src[name]
+        info = self.cat[name]
         rows = info.shape[0] if info.shape else 1
         if tier == "cpu":
-            return self._host_rows(name, 0, rows, purpose, src)
+            return self._host_rows(name, 0, rows, purpose)
         step = max(1, LM_HEAD_CHUNK_BYTES // max(1, prod(info.shape[1:]) * self.dtype.itemsize))
         if step >= rows:
-            t = self._host_rows(name, 0, rows, "staging", src)
+            t = self._host_rows(name, 0, rows, "staging")
             return self._host_to_gpu(t, t.nbytes, purpose, release_host=True)
         self.acc.reserve("gpu", prod(info.shape) * self.dtype.itemsize, purpose)
         out = torch.empty(info.shape, dtype=self.dtype, device=self.device.torch_device)
         for start in range(0, rows, step):
-            part = self._host_rows(name, start, min(rows, start + step), "staging", src)
+            part = self._host_rows(name, start, min(rows, start + step), "staging")
             out[start:start + part.shape[0]].copy_(part)
             self.io["host_to_device_bytes"] += part.nbytes
             self.acc.release("cpu", part.nbytes, "staging")
@@ -176,17 +189,6 @@ class WeightStore:
             self.acc.release("cpu", nbytes, "staging")
         return out
 
-    def _fetch(self, name: str, group: str) -> torch.Tensor:
-        """One tensor of a non-compute-tier group on the compute device, reserved as staging."""
-        if self.plan.tiers[group] == "disk":
-            return self._load(name, self.compute, "staging", self.disk)
-        t = self.resident[group][name]  # cpu tier, computing on the gpu
-        return self._host_to_gpu(t, t.nbytes, "staging", release_host=False)
-
-    def _drop(self, tensors: dict):
-        for t in tensors.values():
-            self.acc.release(self.compute, t.nbytes, "staging")
-
     def _bind(self, tensors: dict):
         for name, t in tensors.items():
             mod, attr = self._slots[name]
@@ -199,20 +201,13 @@ class WeightStore:
 
     # ------------------------------------------------------------ what the executor calls
 
-    @contextmanager
-    def layer(self, j: int):
-        """Layer j's attention and MLP weights bound on the compute device for the duration of the block."""
-        fetched = {}
-        try:
-            for gname in self.layer_groups.get(j, ()):
-                if self.plan.tiers[gname] != self.compute:
-                    for n in self.groups[gname].tensors:
-                        fetched[n] = self._fetch(n, gname)
-            self._bind(fetched)
-            yield
-        finally:
-            self._unbind(fetched)
-            self._drop(fetched)
+    def bind(self, tensors: dict) -> list[str]:
+        """Bind fetched tensors (name -> tensor on the compute device) into the model; returns their names."""
+        self._bind(tensors)
+        return list(tensors)
+
+    def unbind(self, names):
+        self._unbind(names)
 
     @contextmanager
     def expert(self, layer: int, e: int):
@@ -222,13 +217,11 @@ class WeightStore:
         if self.plan.tiers[gname] == self.compute:
             yield tuple(self.resident[gname][n] for n in names)
             return
-        fetched = {}
         try:
-            for n in names:
-                fetched[n] = self._fetch(n, gname)
+            fetched = self.pipe.fetch(gname)
             yield tuple(fetched[n] for n in names)
         finally:
-            self._drop(fetched)
+            self.pipe.release(gname)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> hidden [B, T, C]; off-device tables are gathered row by row."""
@@ -239,9 +232,9 @@ class WeightStore:
         if self.plan.tiers["embed"] == "cpu":
             rows = self.resident["embed"]["model.embed_tokens.weight"][uniq]
         else:
-            rows = torch.cat([self.disk.read_rows("model.embed_tokens.weight", i, i + 1) for i in uniq.tolist()])
-            self.io["disk_read_bytes"] += rows.nbytes
-            rows = rows.to(self.dtype)
+            name = "model.embed_tokens.weight"
+            rows = torch.cat([self.pack.read_rows(name, i, i + 1, self.dtype) for i in uniq.tolist()])
+            self.io["disk_read_bytes"] += len(uniq) * self.pack.stored_row_bytes(name)
         rows = self.device.to_tier(rows, self.compute) if self.compute == "gpu" else rows
         return F.embedding(inverse.to(dev), rows)
 
@@ -253,12 +246,17 @@ class WeightStore:
         V, C = self.cat[self.head_name].shape
         rows = max(1, LM_HEAD_CHUNK_BYTES // (C * self.dtype.itemsize))
         out = h.new_empty((*h.shape[:-1], V))
-        for start in range(0, V, rows):
-            stop = min(V, start + rows)
-            w = self._head_rows(tier, start, stop)
-            out[..., start:stop] = F.linear(h, w)
-            self.acc.release(self.compute, w.nbytes, "staging")
-            del w
+        slack = HEAD_READ_SLACK if tier == "disk" else 0  # direct reads are widened to alignment
+        self.acc.reserve("cpu", slack, "staging")
+        try:
+            for start in range(0, V, rows):
+                stop = min(V, start + rows)
+                w = self._head_rows(tier, start, stop)
+                out[..., start:stop] = F.linear(h, w)
+                self.acc.release(self.compute, w.nbytes, "staging")
+                del w
+        finally:
+            self.acc.release("cpu", slack, "staging")
         return out
 
     def _head_rows(self, tier: str, start: int, stop: int) -> torch.Tensor:
@@ -266,7 +264,13 @@ class WeightStore:
         nbytes = (stop - start) * C * self.dtype.itemsize
         if tier == "cpu":  # computing on the gpu
             return self._host_to_gpu(self.resident[self.head_group][self.head_name][start:stop], nbytes, "staging", False)
-        w = self._host_rows(self.head_name, start, stop, "staging", self.disk)
+        # the slice as stored in the pack, plus its conversion to the compute dtype when it is not a view
+        raw = (stop - start) * self.pack.stored_row_bytes(self.head_name)
+        held = raw + (0 if self.pack.is_view(self.head_group, self.dtype) else nbytes)
+        self.acc.reserve("cpu", held, "staging")
+        w = self.pack.read_rows(self.head_name, start, stop, self.dtype)
+        self.io["disk_read_bytes"] += raw
+        self.acc.release("cpu", held - nbytes, "staging")
         if self.compute == "gpu":
             return self._host_to_gpu(w, nbytes, "staging", release_host=True)
         return w

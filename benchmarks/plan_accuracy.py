@@ -1,0 +1,230 @@
+"""Does the cost model predict decode speed, and is the planner's plan faster than the greedy one?
+
+    python benchmarks/plan_accuracy.py [--tokens 8] [--rounds 2] [--models smollm2,dense,moe] [--no-refresh]
+
+Models: SmolLM2-135M (float32, 540 MB, tied embeddings), a generated dense Llama of 1.4 GB and a
+generated Mixtral-style MoE of 1.1 GB (both random weights, made once with transformers' from_config
+into ~/.cache/hetero-bench). For each, RAM budgets that put everything in RAM, about half on disk,
+most on disk, and (MoE) experts split over RAM and disk; each budget is planned by the cost planner
+and by the greedy fill-in-order planner, and both plans run in the same run, interleaved.
+
+Regime: disk-tier reads come from the disk. The runtime reads with buffered pread, so before every
+decoded token (outside the timed forward) the model's files are dropped from the page cache with
+posix_fadvise(DONTNEED) — the same cold-read condition under which `hetero profile` measures the
+disk. Without this the page cache would serve "disk" reads at RAM speed on a machine with free RAM.
+
+Measured decode s/token: the median over the decoded tokens of one round, then the median over
+--rounds interleaved rounds. Predicted: cost.predict with the profile measured (when the machine is
+quiet, --wait-quiet) at the start of the run. On a shared machine the disk's speed drifts between
+that moment and each measurement (other work on the same disk), so each round also re-measures the
+cold read rate of the model's own file just before its tokens and predicts again with that disk
+table ("err@now"): the profile's error minus the disk's drift, i.e. the model's structural error.
+Prints a table and writes benchmarks/results/plan_accuracy.json.
+"""
+
+import argparse
+import json
+from dataclasses import replace
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("HETERO_BENCH_CACHE") or Path.home() / ".cache" / "hetero-bench")
+PROMPT_TOKENS, CONTEXT = 32, 512
+
+GENERATED = {
+    # 350M parameters, float32: 1.4 GB
+    "dense": dict(model_type="llama", vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=10,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
+    # 8 experts top-2 over 6 layers, float32: 1.1 GB, of which experts 0.9 GB
+    "moe": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=2048, tie_word_embeddings=False, sliding_window=None),
+}
+
+
+def generated(name: str) -> Path:
+    """A random-weight checkpoint written once by transformers (save_pretrained layout)."""
+    out = CACHE / name
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(GENERATED[name])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(0)
+    print(f"generating {name} into {out} ...", file=sys.stderr)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def others_busy(window: float = 0.5) -> float:
+    """Share of the machine's CPU time used by other processes over `window` seconds (from /proc/stat)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        t = os.times()
+        return sum(v), v[3] + v[4], (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+    a = snap()
+    time.sleep(window)
+    b = snap()
+    total = max(1, b[0] - a[0])
+    return max(0.0, (total - (b[1] - a[1]) - (b[2] - a[2])) / total)
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (at most limit_s) until other processes use less than `threshold` of the CPU; returns their share."""
+    end = time.time() + limit_s
+    busy = others_busy()
+    while busy > threshold and time.time() < end:
+        busy = others_busy()
+    return busy
+
+
+def drop_page_cache(path: Path):
+    for f in path.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def budgets_for(name: str, size: int) -> dict:
+    """RAM budgets (bytes) by scenario, as shares of the model's size."""
+    out = {"all in RAM": 2 * size, "half on disk": int(0.55 * size), "mostly on disk": int(0.2 * size)}
+    if name == "moe":
+        out["experts split"] = int(0.45 * size)
+    return out
+
+
+def decode_times(m, path: Path, tokens: int) -> list[float]:
+    """Seconds of each decoded token, the page cache dropped before each."""
+    ex = m.executor
+    cache = ex.new_cache()
+    try:
+        ids = (torch.arange(PROMPT_TOKENS) * 7 % 1000 + 5)[None]
+        drop_page_cache(path)
+        ex.forward(ids, cache, last_only=True)
+        times = []
+        for i in range(tokens):
+            drop_page_cache(path)
+            t0 = time.perf_counter()
+            ex.forward(torch.tensor([[11 + i]]), cache, last_only=True)
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        cache.free()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--models", default="smollm2,dense,moe")
+    ap.add_argument("--no-refresh", action="store_true", help="use the cached profile instead of measuring now")
+    ap.add_argument("--wait-quiet", type=float, default=0.0,
+                    help="before each measurement, wait up to this many seconds for other processes to go quiet")
+    args = ap.parse_args()
+
+    import hetero
+    from hetero import store
+    from hetero.placement import hardware, probes
+    from hetero.placement.cost import predict
+    from hetero.placement.cost import Workload
+    from hetero.placement.describe import describe_dir
+    from hetero.placement.summary import make_plan
+
+    if not args.no_refresh:
+        wait_quiet(args.wait_quiet)
+    profile = hardware.get_profile(refresh=not args.no_refresh, log=lambda m: print(m, file=sys.stderr))
+    paths = {n: (store.resolve("smollm2") if n == "smollm2" else generated(n)) for n in args.models.split(",")}
+    descs = {n: describe_dir(p) for n, p in paths.items()}
+    workload = Workload(prompt_tokens=PROMPT_TOKENS, new_tokens=args.tokens)
+    runs = []  # one per (model, scenario, planner)
+    for name, path in paths.items():
+        desc = descs[name]
+        for scenario, ram in budgets_for(name, desc.total_bytes).items():
+            for planner in ("cost", "greedy"):
+                plan, pred = make_plan(desc, {"cpu": ram}, "cpu", CONTEXT, True, profile, workload, planner)
+                same = next((r for r in runs if r["model"] == name and r["scenario"] == scenario
+                             and r["plan"].tiers == plan.tiers), None)
+                resident = {t: sum(g.nbytes for g in desc.groups if plan.tiers[g.name] == t) for t in ("cpu", "disk")}
+                runs.append({"model": name, "scenario": scenario, "planner": planner, "ram": ram, "plan": plan,
+                             "same_as": same["planner"] if same else None, "resident": resident,
+                             "predicted": pred.decode_s_per_token, "bottleneck": pred.bottleneck, "rounds": []})
+    for rnd in range(args.rounds):  # interleaved: every plan once per round
+        for r in runs:
+            if r["same_as"]:
+                continue
+            m = hetero.load_offloaded(paths[r["model"]], plan=r["plan"], log_fn=lambda *_: None)
+            r.setdefault("busy", []).append(wait_quiet(args.wait_quiet))
+            biggest = max(paths[r["model"]].glob("*.safetensors"), key=lambda f: f.stat().st_size)
+            disk = probes.disk_read(str(biggest), quick=True)  # this moment's cold reads, of this model's file
+            now = predict(descs[r["model"]], r["plan"], replace(profile, disk_read=disk), workload).decode_s_per_token
+            r["rounds"].append(statistics.median(decode_times(m, paths[r["model"]], args.tokens)))
+            r.setdefault("now", []).append(now / r["rounds"][-1] - 1)
+            del m
+            print(f"round {rnd + 1}: {r['model']} {r['scenario']} {r['planner']}: {1e3 * r['rounds'][-1]:.1f} ms/token",
+                  file=sys.stderr)
+    for r in runs:
+        src = r if not r["same_as"] else next(x for x in runs if x["model"] == r["model"] and
+                                              x["scenario"] == r["scenario"] and x["planner"] == r["same_as"])
+        r["measured"] = statistics.median(src["rounds"])
+        r["spread"] = (max(src["rounds"]) - min(src["rounds"])) / r["measured"]
+        r["error_now"] = statistics.median(src["now"])
+        r["others_busy"] = statistics.median(src["busy"])
+        r["error"] = r["predicted"] / r["measured"] - 1
+    report(runs, profile, args)
+
+
+def report(runs, profile, args):
+    from hetero.sizes import format_size
+
+    print(f"decode s/token, predicted vs measured; {args.tokens} tokens after a {PROMPT_TOKENS}-token prompt, "
+          f"median of {args.rounds} rounds; page cache dropped before each token; torch threads "
+          f"{torch.get_num_threads()}; profile measured in {profile.measured_s:.0f} s")
+    head = (f"{'model':<9}{'scenario':<16}{'planner':<8}{'RAM budget':>11}{'cpu / disk':>22}{'pred ms':>9}{'meas ms':>9}"
+            f"{'spread':>8}{'error':>8}{'err@now':>8}{'others':>8}  bottleneck")
+    print(head)
+    print("(spread: (slowest - fastest round) / median; err@now: predicted with the disk re-measured just before "
+          "each round; others: CPU share other processes used while measuring)")
+    cost = [r for r in runs if r["planner"] == "cost"]
+    for r in runs:
+        res = f"{format_size(r['resident']['cpu'])} / {format_size(r['resident']['disk'])}"
+        same = f"  (= {r['same_as']} plan)" if r["same_as"] else ""
+        print(f"{r['model']:<9}{r['scenario']:<16}{r['planner']:<8}{format_size(r['ram']):>11}{res:>22}"
+              f"{1e3 * r['predicted']:>9.1f}{1e3 * r['measured']:>9.1f}{100 * r['spread']:>7.0f}%{100 * r['error']:>7.1f}%"
+              f"{100 * r['error_now']:>7.1f}%"
+              f"{100 * r['others_busy']:>7.0f}%  {r['bottleneck']}{same}")
+    distinct = [r for r in runs if not r["same_as"]]
+    errs = [abs(r["error"]) for r in distinct]
+    now = [abs(r["error_now"]) for r in distinct]
+    ram = [abs(r["error"]) for r in distinct if r["resident"]["disk"] == 0]
+    print(f"|error| over {len(errs)} distinct plans: median {100 * statistics.median(errs):.1f}%, worst {100 * max(errs):.1f}%; "
+          f"with the disk re-measured at each round: median {100 * statistics.median(now):.1f}%, worst {100 * max(now):.1f}%; "
+          f"plans all in RAM: worst {100 * max(ram):.1f}%")
+    print("planner vs greedy, measured at the same budgets:")
+    for r in cost:
+        g = next(x for x in runs if x["model"] == r["model"] and x["scenario"] == r["scenario"] and x["planner"] == "greedy")
+        verdict = "same plan" if g["same_as"] else f"{g['measured'] / r['measured']:.2f}x the greedy plan's speed"
+        print(f"  {r['model']:<9}{r['scenario']:<16} cost {1e3 * r['measured']:.1f} ms, greedy {1e3 * g['measured']:.1f} ms: {verdict}")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "plan_accuracy.json").write_text(json.dumps({
+        "tokens": args.tokens, "rounds": args.rounds, "prompt_tokens": PROMPT_TOKENS, "context": CONTEXT,
+        "threads": torch.get_num_threads(), "median_abs_error": statistics.median(errs), "worst_abs_error": max(errs),
+        "median_abs_error_disk_now": statistics.median(now), "worst_abs_error_disk_now": max(now),
+        "runs": [{k: v for k, v in r.items() if k != "plan"} | {"tiers": r["plan"].tiers} for r in runs],
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

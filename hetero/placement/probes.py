@@ -1,0 +1,242 @@
+"""Measurements behind `hetero profile`: each probe times what the runtime really does, the way it does it.
+
+Disk reads: a fresh torch buffer per read and a buffered pread of a file whose pages were just
+dropped from the page cache (what runtime.weights does), and O_DIRECT reads into aligned buffers (what
+a direct-I/O reader would do). Copies: clones into fresh tensors (the fake gpu's host->device copy,
+dtype conversions) and, with CUDA, host->device copies from pageable and pinned memory. Compute:
+decode (matrix-vector) and prefill (matrix-matrix) linears on weights larger than the caches, and the
+fixed cost of one decode step through each family's own modules at tiny sizes, which is the Python
+and dispatch overhead the executor pays per layer, per expert and per step.
+"""
+
+import mmap
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+KiB, MiB = 2**10, 2**20
+# read sizes: embedding rows .. LM_HEAD_CHUNK_BYTES slices, and whole tensors either side of 32 MiB, where
+# glibc's malloc switches to fresh mmap'd (page-faulting) buffers
+BLOCKS = (4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 30 * MiB, 64 * MiB)
+MATVEC_COLS = (512, 1024, 2048, 4096)  # input widths: narrow matrices stream more slowly
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREFILL_T = 128  # tokens of the matrix-matrix probe: a typical prompt chunk
+
+
+def _best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats` runs: the machine's speed with the least interference from other processes."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _drop_cache(fd: int):
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+# ---------------------------------------------------------------- disk
+
+@contextmanager
+def scratch_file(directory, nbytes: int):
+    """A file of `nbytes` random-ish bytes in `directory`, written, synced and deleted afterwards."""
+    path = os.path.join(directory, f".hetero-profile-{os.getpid()}.bin")
+    chunk = os.urandom(MiB) * 4
+    try:
+        with open(path, "wb") as f:
+            for _ in range(nbytes // len(chunk)):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _span(block: int, file_bytes: int, quick: bool) -> int:
+    """Bytes read per measurement at one block size: enough reads to average, little enough to be quick."""
+    want = {4 * KiB: 4 * MiB, 64 * KiB: 16 * MiB}.get(block, (32 if quick else 128) * MiB)
+    return max(block, min(file_bytes, max(want, 2 * block)) // block * block)
+
+
+def disk_read(path: str, quick: bool) -> dict:
+    """Cold-cache read bandwidth per block size, as [[block, bytes/s], ...] per mode ("buffered", "direct").
+
+    Repeats go round all block sizes in turn, so that each size is sampled at several moments and the
+    best of them is the disk's speed with the least interference from other processes.
+    """
+    size = os.path.getsize(path)
+    repeats = 2 if quick else 5
+    best = {"buffered": {b: float("inf") for b in BLOCKS}, "direct": {b: float("inf") for b in BLOCKS}}
+    fd = os.open(path, os.O_RDONLY)
+    direct = _open_direct(path)
+    try:
+        for _ in range(repeats):
+            for block in BLOCKS:
+                span = _span(block, size, quick)
+                best["buffered"][block] = min(best["buffered"][block], _buffered_once(fd, block, span))
+                if direct is not None:
+                    best["direct"][block] = min(best["direct"][block], _direct_once(direct, block, span))
+    finally:
+        _drop_cache(fd)
+        os.close(fd)
+        if direct is not None:
+            os.close(direct)
+    rows = {mode: [[b, _span(b, size, quick) / t] for b, t in times.items()] for mode, times in best.items()}
+    return {"buffered": rows["buffered"], "direct": rows["direct"] if direct is not None else None}
+
+
+def _buffered_once(fd: int, block: int, span: int) -> float:
+    _drop_cache(fd)
+    t0 = time.perf_counter()
+    for off in range(0, span, block):
+        buf = torch.empty(block, dtype=torch.uint8)  # a fresh buffer per read, as the runtime does
+        os.preadv(fd, [memoryview(buf.numpy())], off)
+    return time.perf_counter() - t0
+
+
+def _open_direct(path: str) -> int | None:
+    """A file descriptor with O_DIRECT, or None where direct I/O is unsupported (e.g. tmpfs, macOS)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, BLOCKS[0])
+        os.preadv(fd, [buf], 0)
+        buf.close()
+        return fd
+    except OSError:
+        return None
+
+
+def _direct_once(fd: int, block: int, span: int) -> float:
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, span, block):
+            os.preadv(fd, [buf], off)
+        return time.perf_counter() - t0
+    finally:
+        buf.close()
+
+
+# ---------------------------------------------------------------- memory and copies
+
+def host_clone(quick: bool) -> list:
+    """Bandwidth of cloning a tensor into a fresh one, per block size (fake-gpu copies, dtype conversion)."""
+    rows = []
+    for block in BLOCKS:
+        src = torch.ones(block, dtype=torch.uint8)
+        n = max(4, min(256, (16 if quick else 64) * MiB // block))
+        src.clone()
+        rows.append([block, n * block / _best_time(lambda: [src.clone() for _ in range(n)], 3)])
+    return rows
+
+
+def ram_read(quick: bool) -> float:
+    """memcpy bandwidth between two existing buffers larger than any cache."""
+    n = (64 if quick else 256) * MiB
+    a, b = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    b.copy_(a)
+    return n / _best_time(lambda: b.copy_(a), 3 if quick else 5)
+
+
+def host_to_device(quick: bool) -> dict:
+    """CUDA host->device bandwidth per block size from pageable and pinned memory, and device->host."""
+    out = {}
+    for kind in ("pageable", "pinned"):
+        rows = []
+        for block in BLOCKS:
+            src = torch.ones(block, dtype=torch.uint8, pin_memory=kind == "pinned")
+            n = max(4, min(256, (64 if quick else 256) * MiB // block))
+
+            def copies():
+                for _ in range(n):
+                    src.to("cuda", non_blocking=False)
+                torch.cuda.synchronize()
+
+            copies()
+            rows.append([block, n * block / _best_time(copies, 3)])
+        out[kind] = rows
+    big = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+
+    def back():
+        big.cpu()
+        torch.cuda.synchronize()
+
+    back()
+    out["device_to_host_bps"] = big.numel() / _best_time(back, 3)
+    return out
+
+
+# ---------------------------------------------------------------- compute
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_loop(fn, device: str, budget_s: float) -> float:
+    """Seconds of the fastest call of fn, calling it (after a warm-up) until `budget_s` has passed, at least 3 times."""
+    fn()
+    _sync(device)
+    best, n, start = float("inf"), 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best
+
+
+def matvec(device: str, dtype: torch.dtype, quick: bool) -> list:
+    """Weight bytes per second of [1, K] @ [N, K]^T by input width K, as [[K, bytes/s], ...].
+
+    Each width runs over a pool of 4 MiB matrices larger than the caches, so the weights stream from memory.
+    """
+    # 2-4x a 32 MiB last-level cache on the cpu (and past a gpu's L2)
+    pool_bytes = (64 if quick else 128) * MiB if device == "cpu" else 1024 * MiB
+    rows = []
+    for cols in MATVEC_COLS:
+        n_rows = max(64, 4 * MiB // (cols * dtype.itemsize))
+        n = max(2, pool_bytes // (n_rows * cols * dtype.itemsize))
+        ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n)]
+        x = torch.full((1, cols), 0.01, dtype=dtype, device=device)
+
+        def sweep():
+            for w in ws:
+                F.linear(x, w)
+
+        per = _timed_loop(sweep, device, 0.05 if quick else 0.15)
+        rows.append([cols, n * n_rows * cols * dtype.itemsize / per])
+    return rows
+
+
+def matmul(device: str, dtype: torch.dtype, quick: bool) -> float:
+    """Flop/s of [PREFILL_T, C] @ [N, C]^T, the prefill shape."""
+    C = 1024 if quick else 2048
+    w = torch.full((C, C), 0.01, dtype=dtype, device=device)
+    x = torch.full((PREFILL_T, C), 0.01, dtype=dtype, device=device)
+    per = _timed_loop(lambda: F.linear(x, w), device, 0.1 if quick else 0.3)
+    return 2 * PREFILL_T * C * C / per
+
+
+def op_overhead(device: str) -> float:
+    """Seconds of one tiny linear: the dispatch cost every extra op (a slice, a copy call) adds."""
+    w = torch.full((64, 64), 0.01, device=device)
+    x = torch.full((1, 64), 0.01, device=device)
+
+    def hundred():
+        for _ in range(100):
+            F.linear(x, w)
+
+    return _timed_loop(hundred, device, 0.05) / 100
