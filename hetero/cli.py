@@ -305,10 +305,11 @@ def list_(as_json):
         click.echo(json.dumps({"models": models, "catalogue": sorted(store.CATALOGUE)}))
         return
     table = Table(title=f"model store: {store.home()}", title_justify="left")
-    for col in ("name", "size", "dtype", "source"):
+    for col in ("name", "size", "dtype", "packs", "source"):
         table.add_column(col)
     for m in models:
-        table.add_row(m["name"], format_size(m["bytes"]), m["dtype"] or "-", m["source"] or "-")
+        table.add_row(m["name"], format_size(m["bytes"]), m["dtype"] or "-", ", ".join(m["packs"]) or "not packed",
+                      m["source"] or "-")
     Console(highlight=False).print(table)
     pulled = {m["name"] for m in models}
     rest = [n for n in sorted(store.CATALOGUE) if n not in pulled]

@@ -135,7 +135,10 @@ def list_models() -> list[dict]:
             except json.JSONDecodeError:
                 pass
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        out.append({"name": d.name, "path": str(d), "bytes": size, "dtype": meta.get("dtype"), "source": meta.get("source")})
+        # a pack is complete once its manifest is written (flash/pack.py writes it last)
+        packs = sorted(p.name.split(".", 1)[1] for p in d.glob("hetero-pack.*") if (p / "manifest.json").is_file())
+        out.append({"name": d.name, "path": str(d), "bytes": size, "dtype": meta.get("dtype"),
+                    "source": meta.get("source"), "packs": packs})
     return out
 
 

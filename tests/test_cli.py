@@ -58,8 +58,11 @@ def test_stats_flag_and_unused_vram(home):
 
 def test_list_and_rm(home, tmp_path):
     proc = hetero("list", "--json", home=home, check=True)
-    names = [m["name"] for m in json.loads(proc.stdout)["models"]]
-    assert names == ["smollm2"]
+    models = json.loads(proc.stdout)["models"]
+    assert [m["name"] for m in models] == ["smollm2"]
+    # the runs above put most of the model on disk, which packed it (lossless: the checkpoint's float32)
+    assert models[0]["packs"] == ["float32"]
+    assert "packs" in hetero("list", home=home, check=True).stdout
     assert hetero("rm", "nothing-here", home=home).returncode == 2
 
 
