@@ -15,14 +15,15 @@ from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
 from .models import family_for
+from .placement.describe import checkpoint_tensors
 from .placement.greedy import greedy_plan
 from .placement.groups import make_groups
 from .placement.plan import Plan, plan_table, validate
 from .runtime.device import detect
 from .runtime.executor import Executor
 from .runtime.memory import Accountant
-from .runtime.weights import SKIPPED, WeightStore
-from .sizes import format_size, parse_size
+from .runtime.weights import WeightStore
+from .sizes import parse_size
 from . import store
 
 log = logging.getLogger("hetero")
@@ -48,14 +49,18 @@ def _dtype(dtype, cat: Catalogue) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def checkpoint_tensors(args: ModelArgs, cat: Catalogue) -> dict:
-    """name -> (shape, dtype) of the tensors the model uses (tied lm_head and stale buffers dropped)."""
-    out = {}
-    for name, info in cat.tensors.items():
-        if name.endswith(SKIPPED) or (args.tie_word_embeddings and name == "lm_head.weight"):
-            continue
-        out[name] = (info.shape, info.dtype)
-    return out
+def _open(path_or_name, disk_dir, dtype, say):
+    """Resolve a model and read what loading and packing both need: (path, args, family, catalogue,
+    dtype, groups)."""
+    path = store.resolve(path_or_name, log=say)
+    if disk_dir is not None and not Path(disk_dir).is_dir():
+        raise HeteroError(f"--disk-dir {disk_dir}: not a directory")
+    args = ModelArgs.from_dir(path)
+    fam = family_for(args)
+    cat = Catalogue(path)
+    cdtype = _dtype(dtype, cat)
+    groups = make_groups(checkpoint_tensors(args, cat), getattr(fam, "EXPERT_PATTERN", None), cdtype)
+    return path, args, fam, cat, cdtype, groups
 
 
 class OffloadedModel:
@@ -172,7 +177,6 @@ class OffloadedModel:
 
 def _predicted_decode(m) -> float | None:
     """The cost model's decode seconds per token for this plan and the tokens run so far (None without a profile)."""
-    from .placement import hardware
     from .placement.cost import Workload, predict
     from .placement.describe import describe
 
@@ -291,14 +295,7 @@ def pack_model(path_or_name, dtype=None, group_size=None, disk_dir=None, log_fn=
         The pack directory.
     """
     say = log_fn or log.info
-    path = store.resolve(path_or_name, log=say)
-    if disk_dir is not None and not Path(disk_dir).is_dir():
-        raise HeteroError(f"--disk-dir {disk_dir}: not a directory")
-    args = ModelArgs.from_dir(path)
-    fam = family_for(args)
-    cat = Catalogue(path)
-    ckpt = _dtype(None, cat)
-    groups = make_groups(checkpoint_tensors(args, cat), getattr(fam, "EXPERT_PATTERN", None), ckpt)
+    path, args, fam, cat, ckpt, groups = _open(path_or_name, disk_dir, None, say)
     fmt = packs.PackFormat.parse(dtype or ckpt, group_size)
     dest = packs.pack_path(path, fmt, disk_dir)
     say(f"packing {path.name} as {fmt.tag} into {dest} ...")
@@ -342,14 +339,7 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     say = log_fn or log.info
     notes = []
     vram_b, ram_b = parse_size(vram, "vram"), parse_size(ram, "ram")
-    path = store.resolve(path_or_name, log=say)
-    if disk_dir is not None and not Path(disk_dir).is_dir():
-        raise HeteroError(f"--disk-dir {disk_dir}: not a directory")
-    args = ModelArgs.from_dir(path)
-    fam = family_for(args)
-    cat = Catalogue(path)
-    cdtype = _dtype(dtype, cat)
-    groups = make_groups(checkpoint_tensors(args, cat), getattr(fam, "EXPERT_PATTERN", None), cdtype)
+    path, args, fam, cat, cdtype, groups = _open(path_or_name, disk_dir, dtype, say)
     dev = detect(device)
     if not dev.has_gpu and vram_b is not None:
         notes.append("no accelerator: computing on the CPU, --vram is unused")

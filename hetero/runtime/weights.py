@@ -7,7 +7,6 @@ groups are loaded from the checkpoint; disk-tier groups are read from the pack (
 the prefetch pipeline (runtime/pipeline.py), which the executor drives.
 """
 
-import os
 import re
 from contextlib import contextmanager
 from math import prod
