@@ -46,8 +46,9 @@ class Arena:
     """`slots` blocks of one layer on one memory tier: k, v [B, K, slots*bs, D] and each token slot's position."""
 
     def __init__(self, slots: int, B: int, K: int, D: int, bs: int, dtype, device):
-        self.k = torch.empty(B, K, slots * bs, D, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        # zeros, not empty: masked slots still meet the values (0 * nan = nan), so they must hold finite numbers
+        self.k = torch.zeros(B, K, slots * bs, D, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
         self.kpos = torch.full((slots * bs,), EMPTY, dtype=torch.long, device=device)
         self.free = list(range(slots))  # a heap: the lowest free slot first keeps the used prefix short
         self.bs, self.slots = bs, slots
@@ -335,8 +336,8 @@ class PagedKVCache:
             if cap_cpu:
                 layer.arenas["cpu"] = Arena(cap_cpu, B, K, D, bs, k.dtype, torch.device("cpu"))
         if stage:
-            self.stage_k = torch.empty(B, K, STAGE_BLOCKS * bs, D, dtype=k.dtype, device=dev)
-            self.stage_v = torch.empty_like(self.stage_k)
+            self.stage_k = torch.zeros(B, K, STAGE_BLOCKS * bs, D, dtype=k.dtype, device=dev)  # finite, as in Arena
+            self.stage_v = torch.zeros_like(self.stage_k)
         self._shape = (B, K, bs, D, k.dtype, block)
 
     def disk_blocks(self) -> DiskBlocks:
@@ -349,7 +350,7 @@ class PagedKVCache:
         """A one-block host buffer (k, v [B, K, bs, D]) that disk reads land in on the way to a cuda device."""
         if self._host is None:
             B, K, bs, D, dtype, _ = self._shape
-            self._host = (torch.empty(B, K, bs, D, dtype=dtype), torch.empty(B, K, bs, D, dtype=dtype))
+            self._host = (torch.zeros(B, K, bs, D, dtype=dtype), torch.zeros(B, K, bs, D, dtype=dtype))
         return self._host
 
     def tier_blocks(self) -> dict[str, int]:
