@@ -363,6 +363,10 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
                           f"pack again with `hetero pack {path}`")
     fmt = opened.format if opened else packs.PackFormat.parse(pack or cdtype)
     extents = packs.staging_extents(opened.extents if opened else packs.layout(tensors, groups, fmt), cdtype)
+    if plan is None:
+        # a budget below the minimum is refused before any seconds go into measuring the machine
+        greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
+                    fixed_context=context is not None, extents=extents)
     profile = _profile_for(planner, profile, plan, say)
     if plan is None:
         plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev)
