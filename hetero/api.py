@@ -367,7 +367,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         # a budget below the minimum is refused before any seconds go into measuring the machine
         greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
                     fixed_context=context is not None, extents=extents)
-    profile = _profile_for(planner, profile, plan, say)
+    # measured quietly: a log line here would stand before a checkpoint error found later in loading
+    profile = _profile_for(planner, profile, plan, lambda *_: None)
     if plan is None:
         plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev)
         plan = plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
