@@ -15,7 +15,7 @@ from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
 from .models import family_for
-from .placement.describe import checkpoint_tensors
+from .placement.describe import checkpoint_tensors, compute_dtype
 from .placement.greedy import greedy_plan
 from .placement.groups import make_groups
 from .placement.plan import Plan, plan_table, validate
@@ -27,8 +27,6 @@ from .sizes import parse_size
 from . import store
 
 log = logging.getLogger("hetero")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT = 4096
 AUTO_RAM_SHARE = 0.8  # of available RAM when no --ram is given: leave room for the OS and the page cache
 
@@ -39,14 +37,7 @@ class CausalLMOutput:
 
 
 def _dtype(dtype, cat: Catalogue) -> torch.dtype:
-    if dtype is None:
-        floats = Counter(t.dtype for t in cat.tensors.values() if t.dtype.is_floating_point)
-        return floats.most_common(1)[0][0] if floats else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise HeteroError(f"dtype {dtype!r}: choose one of float32, bfloat16, float16")
-    return DTYPES[dtype]
+    return compute_dtype(dtype, Counter(t.dtype for t in cat.tensors.values() if t.dtype.is_floating_point))
 
 
 def _open(path_or_name, disk_dir, dtype, say):
