@@ -10,7 +10,8 @@ space an index built from keys alone learns (RetrievalAttention, section 3): IVF
 key-key HNSW graph, must scan many keys for good recall. QueryRoutedIndex uses the real queries the
 model produced at prefill instead: it clusters them, and links each cluster to the keys its member
 queries score highest; a decode query probes its nearest query clusters and rescores the union of
-their links exactly. benchmarks/long_context.py measures recall against keys scanned for all four.
+their links exactly. These per-head indexes are the comparison rows of benchmarks/long_context.py;
+retrieval attention uses qivf.WhitenedIVF (batched over heads), which measured best there.
 
 Shape legend: n keys, m learned queries, G queries per search (the query heads of one KV group),
 D head dim, c clusters.

@@ -1,0 +1,220 @@
+"""The query-aware index retrieval attention uses: IVF over keys in the space the queries see them in.
+
+A query q scores a key k by q·k. Clustering keys by plain distance treats every direction alike,
+but queries and keys come from different projections (RetrievalAttention, section 3): the score
+error of replacing k by its centroid c, averaged over the queries, is
+    E_q[(q·(k - c))²] = (k - c)ᵀ C (k - c) = ‖A k - A c‖²,   C = E[q qᵀ], A = C^½,
+so k-means on the whitened keys A k is the clustering that minimises the score error under the
+query distribution, and q·k = (A⁻¹ q)·(A k) keeps the scores exact. C is learned from the real
+queries of the prefill (a running sum, D×D per head).
+
+Search is batched over every (sequence, kv head) of a layer and the G query heads of each group
+share one candidate set: clusters are ranked by the best centroid score over the group's heads and
+taken until `scan` × n keys are gathered; those keys are scored exactly and the top-k kept per
+query head. No Python loop runs per head or per cluster at search time.
+
+Keys are added in blocks; each new key joins its nearest centroid. The clustering is re-trained
+when the keys have doubled since the last training (amortised O(1) per key).
+
+Shape legend: h index heads (sequences × kv heads), n keys per head, G query heads per search,
+D head dim, c clusters, C candidates per head (padded).
+"""
+
+import faiss
+import numpy as np
+import torch
+
+MIN_BUILD = 256  # below this many keys per head a scan of all of them is as cheap as any index
+SPLIT = 2  # a cluster that grows past SPLIT x cluster_size is split
+EMPTY_CENTROID = 1e6  # padding centroid: no key is near it; empty clusters cost a centroid score, no keys
+
+
+def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched a [h, x, y] @ b [h, y, z] in float32 (torch's bmm: numpy's stacked matmul is far slower here)."""
+    return torch.bmm(torch.from_numpy(np.ascontiguousarray(a, np.float32)),
+                     torch.from_numpy(np.ascontiguousarray(b, np.float32))).numpy()
+
+
+def _sqrtm(C: np.ndarray, inverse: bool) -> np.ndarray:
+    """Symmetric C^½ (or C^-½) of a PSD matrix [D, D], tiny eigenvalues clamped."""
+    w, V = np.linalg.eigh(C.astype(np.float64))
+    w = np.maximum(w, 1e-6 * max(w.max(), 1e-30))
+    return ((V * w ** (-0.5 if inverse else 0.5)) @ V.T).astype(np.float32)
+
+
+class WhitenedIVF:
+    """IVF over query-whitened keys for `heads` heads at once (see the module docstring).
+
+    Args:
+        heads: independent key sets (e.g. batch × kv heads), searched in one call.
+        dim: head dim D.
+        cluster_size: keys per cluster aimed at (clusters = n // cluster_size at training).
+        scan: share of each head's keys gathered and scored exactly per search (plus the centroids) ...
+        max_scan: ... but at most this many keys, so a search's cost stops growing with the context.
+        whiten: False clusters the raw keys (the "keys only" baseline of the benchmark).
+    """
+
+    def __init__(self, heads: int, dim: int, cluster_size: int = 64, scan: float = 0.3, max_scan: int | None = None,
+                 whiten: bool = True, seed: int = 1):
+        self.h, self.dim, self.cluster_size, self.scan, self.whiten = heads, dim, cluster_size, scan, whiten
+        self.max_scan = max_scan
+        self.seed = seed
+        self.keys = np.empty((heads, 0, dim), np.float32)  # [h, capacity, D]; ids are the order added
+        self.n = 0
+        self.qsum = np.zeros((heads, dim, dim), np.float64)  # Σ q qᵀ of the learned queries
+        self.qcount = 0
+        self.trained_at = 0  # n when the clusters were last trained (0: not trained)
+        self.A = self.Ainv = self.centroids = None  # [h, D, D] x2, [h, c, D]
+        self.assign = np.empty((heads, 0), np.int32)  # [h, n] cluster of each key
+        self.order = self.starts = None  # [h, n] key ids sorted by cluster, [h, c + 1] cluster offsets
+
+    @property
+    def ntotal(self) -> int:
+        return self.n
+
+    def learn(self, queries: np.ndarray):
+        """Fold real queries [h, m, D] into the query second moment (used at the next training)."""
+        q = np.asarray(queries, np.float64)
+        self.qsum += np.einsum("hmd,hme->hde", q, q)
+        self.qcount += q.shape[1]
+
+    def add(self, keys: np.ndarray):
+        """Append keys [h, b, D]; they get ids n, n+1, ... in every head."""
+        keys = np.asarray(keys, np.float32)
+        b = keys.shape[1]
+        if self.n + b > self.keys.shape[1]:
+            bigger = np.empty((self.h, max(2 * self.keys.shape[1], self.n + b, 1024), self.dim), np.float32)
+            bigger[:, :self.n] = self.keys[:, :self.n]
+            self.keys = bigger
+        self.keys[:, self.n:self.n + b] = keys
+        self.n += b
+        if self.trained_at:
+            self.assign = np.concatenate([self.assign, self._nearest(keys)], axis=1)
+            self._split()
+            self.order = None  # sorted at the next search: a prefill adds many blocks and searches none
+        elif self.n >= MIN_BUILD:
+            self.train()
+
+    def train(self):
+        """(Re)cluster every head's whitened keys; k-means runs per head (only here, never in a search)."""
+        n, D = self.n, self.dim
+        c = max(1, n // self.cluster_size)
+        if self.whiten and self.qcount:
+            C = self.qsum / self.qcount
+            self.A = np.stack([_sqrtm(C[i], False) for i in range(self.h)])
+            self.Ainv = np.stack([_sqrtm(C[i], True) for i in range(self.h)])
+        else:
+            self.A = self.Ainv = np.broadcast_to(np.eye(D, dtype=np.float32), (self.h, D, D))
+        kw = _bmm(self.keys[:, :n], self.A)  # [h, n, D] (A is symmetric)
+        cents = []
+        for i in range(self.h):
+            km = faiss.Kmeans(D, c, niter=10, seed=self.seed, min_points_per_centroid=1, max_points_per_centroid=64)
+            km.train(np.ascontiguousarray(kw[i]))
+            cents.append(km.centroids)
+        self.centroids = np.stack(cents).astype(np.float32)
+        self.assign = self._nearest(self.keys[:, :n])
+        self.trained_at = n
+        self._sort()
+
+    def _split(self):
+        """Split the clusters new keys grew past SPLIT × cluster_size, by k-means of their own keys.
+
+        Later keys drift from the early ones (new content, new positions), so without this the clusters
+        trained on the first keys swell; splitting locally costs O(cluster) and keeps them even."""
+        counts = np.stack([np.bincount(a, minlength=self.centroids.shape[1]) for a in self.assign])  # [h, c]
+        big = np.nonzero(counts > SPLIT * self.cluster_size)
+        if not len(big[0]):
+            return
+        grown = [[] for _ in range(self.h)]
+        for i, j in zip(*big):
+            members = np.nonzero(self.assign[i] == j)[0]
+            parts = -(-len(members) // self.cluster_size)
+            km = faiss.Kmeans(self.dim, parts, niter=8, seed=self.seed, min_points_per_centroid=1)
+            km.train(np.ascontiguousarray(self.keys[i, members] @ self.A[i]))
+            _, a = km.index.search(np.ascontiguousarray(self.keys[i, members] @ self.A[i]), 1)
+            base = self.centroids.shape[1] + len(grown[i]) - 1  # part 0 keeps cluster j's slot
+            self.centroids[i, j] = km.centroids[0]
+            self.assign[i, members] = np.where(a[:, 0] == 0, j, base + a[:, 0]).astype(np.int32)
+            grown[i].extend(km.centroids[1:])
+        # heads share the cluster count: pad the heads that split less with empty clusters far away
+        extra = max(len(g) for g in grown)
+        pad = np.full((self.h, extra, self.dim), 0, np.float32)
+        for i, g in enumerate(grown):
+            if g:
+                pad[i, :len(g)] = np.stack(g)
+            pad[i, len(g):] = EMPTY_CENTROID
+        self.centroids = np.concatenate([self.centroids, pad], axis=1)
+
+    def _nearest(self, keys: np.ndarray) -> np.ndarray:
+        """Cluster [h, b] of keys [h, b, D]: the nearest centroid to the whitened key."""
+        d = (self.centroids ** 2).sum(-1)[:, None, :] - 2 * _bmm(_bmm(keys, self.A), self.centroids.transpose(0, 2, 1))  # [h, b, c]
+        return d.argmin(-1).astype(np.int32)
+
+    def _sort(self):
+        c = self.centroids.shape[1]
+        self.order = np.argsort(self.assign, axis=1, kind="stable").astype(np.int32)  # [h, n]
+        counts = np.stack([np.bincount(a, minlength=c) for a in self.assign])  # [h, c]
+        self.starts = np.concatenate([np.zeros((self.h, 1), np.int64), np.cumsum(counts, 1)], axis=1)
+
+    def search(self, queries: np.ndarray, k: int):
+        """Top-k keys of each query.
+
+        Args:
+            queries: [h, G, D] (the G query heads of a group share one candidate set).
+            k: keys per query.
+        Returns:
+            (ids [h, G, k] int64, -1 where fewer than k keys; keys scanned per head [h], centroids included).
+        """
+        q = np.asarray(queries, np.float32)
+        h, G, _ = q.shape
+        if not self.trained_at:  # too few keys for an index: score them all
+            cand = np.broadcast_to(np.arange(self.n), (h, self.n))
+            return self._rescore(q, cand, self.keys[:, :self.n], np.ones((h, self.n), bool), k), np.full(h, float(self.n))
+        if self.order is None:
+            self._sort()
+        c = self.centroids.shape[1]
+        cs = _bmm(_bmm(q, self.Ainv), self.centroids.transpose(0, 2, 1)).max(1)  # [h, c]: best score over the group
+        counts = np.diff(self.starts, axis=1)  # [h, c]
+        rank = np.argsort(-np.where(counts > 0, cs, -np.inf), axis=1)  # [h, c]: empty (padding) clusters last
+        sizes = np.take_along_axis(counts, rank, 1)  # [h, c] in rank order
+        before = np.cumsum(sizes, 1) - sizes  # keys gathered before each ranked cluster
+        budget = self.scan * self.n if self.max_scan is None else min(self.scan * self.n, self.max_scan)
+        take = before < max(k, budget)  # [h, c]: clusters probed (the first always)
+        hh, r = np.nonzero(take)
+        lens = sizes[hh, r]
+        first = self.starts[hh, rank[hh, r]]  # where each probed cluster starts in its head's order
+        total = lens.sum()
+        head_of = np.repeat(hh, lens)  # [N]
+        seg = np.repeat(np.cumsum(lens) - lens, lens)
+        src = np.repeat(first, lens) + np.arange(total) - seg  # offset in order[head]
+        ids = self.order[head_of, src]  # [N] key ids
+        per = np.bincount(head_of, minlength=h)  # candidates per head
+        slot = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
+        width = max(1, per.max())
+        cand = np.zeros((h, width), np.int64)
+        valid = np.zeros((h, width), bool)
+        cand[head_of, slot], valid[head_of, slot] = ids, True
+        flat = torch.from_numpy(self.keys).view(-1, self.dim)  # [h * capacity, D]
+        rows = torch.from_numpy(cand + np.arange(h)[:, None] * self.keys.shape[1])
+        keys = flat.index_select(0, rows.view(-1)).view(h, width, self.dim)  # one gather for every head
+        return self._rescore(q, cand, keys, valid, k), (per + c).astype(np.float64)
+
+    @staticmethod
+    def _rescore(q, cand, keys, valid, k):
+        """Exact scores of candidate keys [h, C, D] (array or tensor) -> top-k ids [h, G, k] (sorted, -1 padded)."""
+        keys = torch.as_tensor(keys)
+        s = torch.bmm(torch.from_numpy(q), keys.transpose(1, 2))  # [h, G, C]
+        s.masked_fill_(~torch.from_numpy(np.ascontiguousarray(valid))[:, None, :], float("-inf"))
+        kk = min(k, s.shape[2])
+        ts, top = torch.topk(s, kk, dim=2)  # sorted, best first
+        ids = torch.gather(torch.from_numpy(np.ascontiguousarray(cand))[:, None, :].expand(s.shape), 2, top).numpy()
+        ids = np.where(torch.isfinite(ts).numpy(), ids, -1)
+        if kk < k:
+            ids = np.concatenate([ids, np.full(ids.shape[:2] + (k - kk,), -1)], axis=2)
+        return ids.astype(np.int64)
+
+    def nbytes(self) -> int:
+        """Memory held: keys (float32), assignment and sorted order (int32), centroids and whitening."""
+        extra = 0 if self.centroids is None else self.centroids.nbytes + 2 * self.h * self.dim ** 2 * 4 + self.h * 8 * (
+            self.centroids.shape[1] + 1)
+        return self.h * self.n * (self.dim * 4 + 8) + self.qsum.nbytes + extra
