@@ -1,6 +1,7 @@
 """Does the cost model predict decode speed, and is the planner's plan faster than the greedy one?
 
     python benchmarks/plan_accuracy.py [--tokens 8] [--rounds 2] [--models smollm2,dense,moe] [--no-refresh]
+                                       [--wait-quiet SECONDS]
 
 Models: SmolLM2-135M (float32, 540 MB, tied embeddings), a generated dense Llama of 1.4 GB and a
 generated Mixtral-style MoE of 1.1 GB (both random weights, made once with transformers' from_config
@@ -8,17 +9,22 @@ into ~/.cache/hetero-bench). For each, RAM budgets that put everything in RAM, a
 most on disk, and (MoE) experts split over RAM and disk; each budget is planned by the cost planner
 and by the greedy fill-in-order planner, and both plans run in the same run, interleaved.
 
-Regime: disk-tier reads come from the disk. The runtime reads with buffered pread, so before every
-decoded token (outside the timed forward) the model's files are dropped from the page cache with
-posix_fadvise(DONTNEED) — the same cold-read condition under which `hetero profile` measures the
-disk. Without this the page cache would serve "disk" reads at RAM speed on a machine with free RAM.
+Regime: disk-tier reads come from the disk: the runtime reads them from the model's pack with
+O_DIRECT (the prefetch pipeline's reader pool, lm_head slices on the compute thread), so the page
+cache never serves them; the checkpoint's files are still dropped from the page cache before every
+decoded token (outside the timed forward), as in the profile's cold reads.
 
 Measured decode s/token: the median over the decoded tokens of one round, then the median over
---rounds interleaved rounds. Predicted: cost.predict with the profile measured (when the machine is
-quiet, --wait-quiet) at the start of the run. On a shared machine the disk's speed drifts between
-that moment and each measurement (other work on the same disk), so each round also re-measures the
-cold read rate of the model's own file just before its tokens and predicts again with that disk
-table ("err@now"): the profile's error minus the disk's drift, i.e. the model's structural error.
+--rounds interleaved rounds. Predicted: cost.predict (the executor's schedule replayed: reads ahead
+of compute by the plan's depth, the next token's first reads during lm_head, expert caches) with the
+profile measured (when the machine is quiet, --wait-quiet) at the start of the run. On a shared
+machine the disk's speed drifts between that moment and each measurement (other work on the same
+disk), so each round also re-measures the cold read rates of the model's own file just before its
+tokens and predicts again with those disk tables ("err@now"): the profile's error minus the disk's
+drift, i.e. the model's structural error. --wait-quiet waits for other processes' CPU use and for
+the disk's busy time (/proc/diskstats) to drop before the profile and before every measurement;
+"others" reports the CPU share and "disk" the disk busy share other work had just before measuring.
+Predicted and measured seconds the loop stalled on reads per token are printed side by side.
 Prints a table and writes benchmarks/results/plan_accuracy.json.
 """
 
@@ -79,12 +85,39 @@ def others_busy(window: float = 0.5) -> float:
     return max(0.0, (total - (b[1] - a[1]) - (b[2] - a[2])) / total)
 
 
-def wait_quiet(limit_s: float, threshold: float = 0.25) -> float:
-    """Wait (at most limit_s) until other processes use less than `threshold` of the CPU; returns their share."""
+def _disk_ticks() -> int | None:
+    """Milliseconds the disk holding the bench cache has spent doing I/O (/proc/diskstats io_ticks)."""
+    try:
+        st = os.stat(CACHE if CACHE.exists() else Path.home())
+        want = (os.major(st.st_dev), os.minor(st.st_dev))
+        with open("/proc/diskstats") as f:
+            for line in f:
+                v = line.split()
+                if (int(v[0]), int(v[1])) == want:
+                    return int(v[12])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def quiet_sample(window: float = 0.5) -> tuple[float, float]:
+    """(share of the CPU used by other processes, share of time the disk was busy) over `window` seconds.
+
+    We do no I/O while sampling, so the disk's busy time is other work's."""
+    d0 = _disk_ticks()
+    cpu = others_busy(window)
+    d1 = _disk_ticks()
+    disk = (d1 - d0) / (1e3 * window) if d0 is not None and d1 is not None else 0.0
+    return cpu, min(1.0, max(0.0, disk))
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.25, disk_threshold: float = 0.1) -> tuple[float, float]:
+    """Wait (at most limit_s) until other processes use less than `threshold` of the CPU and keep the disk
+    busy less than `disk_threshold` of the time; returns (cpu share, disk share) at the end."""
     end = time.time() + limit_s
-    busy = others_busy()
-    while busy > threshold and time.time() < end:
-        busy = others_busy()
+    busy = quiet_sample()
+    while (busy[0] > threshold or busy[1] > disk_threshold) and time.time() < end:
+        busy = quiet_sample()
     return busy
 
 
@@ -105,21 +138,22 @@ def budgets_for(name: str, size: int) -> dict:
     return out
 
 
-def decode_times(m, path: Path, tokens: int) -> list[float]:
-    """Seconds of each decoded token, the page cache dropped before each."""
+def decode_times(m, path: Path, tokens: int) -> tuple[list[float], float]:
+    """(seconds of each decoded token, the page cache dropped before each; seconds stalled on reads per token)."""
     ex = m.executor
     cache = ex.new_cache()
     try:
         ids = (torch.arange(PROMPT_TOKENS) * 7 % 1000 + 5)[None]
         drop_page_cache(path)
         ex.forward(ids, cache, last_only=True)
+        stall0 = ex.timing.get("decode_io_stall_s", 0.0)
         times = []
         for i in range(tokens):
             drop_page_cache(path)
             t0 = time.perf_counter()
             ex.forward(torch.tensor([[11 + i]]), cache, last_only=True)
             times.append(time.perf_counter() - t0)
-        return times
+        return times, (ex.timing.get("decode_io_stall_s", 0.0) - stall0) / max(1, tokens)
     finally:
         cache.free()
 
@@ -159,17 +193,23 @@ def main():
                 resident = {t: sum(g.nbytes for g in desc.groups if plan.tiers[g.name] == t) for t in ("cpu", "disk")}
                 runs.append({"model": name, "scenario": scenario, "planner": planner, "ram": ram, "plan": plan,
                              "same_as": same["planner"] if same else None, "resident": resident,
-                             "predicted": pred.decode_s_per_token, "bottleneck": pred.bottleneck, "rounds": []})
+                             "predicted": pred.decode_s_per_token, "bottleneck": pred.bottleneck,
+                             "predicted_stall": pred.stall_s, "rounds": []})
     for rnd in range(args.rounds):  # interleaved: every plan once per round
         for r in runs:
             if r["same_as"]:
                 continue
             m = hetero.load_offloaded(paths[r["model"]], plan=r["plan"], log_fn=lambda *_: None)
-            r.setdefault("busy", []).append(wait_quiet(args.wait_quiet))
             biggest = max(paths[r["model"]].glob("*.safetensors"), key=lambda f: f.stat().st_size)
+            wait_quiet(args.wait_quiet)
             disk = probes.disk_read(str(biggest), quick=True)  # this moment's cold reads, of this model's file
             now = predict(descs[r["model"]], r["plan"], replace(profile, disk_read=disk), workload).decode_s_per_token
-            r["rounds"].append(statistics.median(decode_times(m, paths[r["model"]], args.tokens)))
+            cpu, io = wait_quiet(args.wait_quiet)
+            r.setdefault("busy", []).append(cpu)
+            r.setdefault("disk_busy", []).append(io)
+            times, stall = decode_times(m, paths[r["model"]], args.tokens)
+            r["rounds"].append(statistics.median(times))
+            r.setdefault("stalls", []).append(stall)
             r.setdefault("now", []).append(now / r["rounds"][-1] - 1)
             del m
             print(f"round {rnd + 1}: {r['model']} {r['scenario']} {r['planner']}: {1e3 * r['rounds'][-1]:.1f} ms/token",
@@ -181,6 +221,8 @@ def main():
         r["spread"] = (max(src["rounds"]) - min(src["rounds"])) / r["measured"]
         r["error_now"] = statistics.median(src["now"])
         r["others_busy"] = statistics.median(src["busy"])
+        r["others_disk"] = statistics.median(src["disk_busy"])
+        r["stall"] = statistics.median(src["stalls"])
         r["error"] = r["predicted"] / r["measured"] - 1
     report(runs, profile, args)
 
@@ -192,18 +234,19 @@ def report(runs, profile, args):
           f"median of {args.rounds} rounds; page cache dropped before each token; torch threads "
           f"{torch.get_num_threads()}; profile measured in {profile.measured_s:.0f} s")
     head = (f"{'model':<9}{'scenario':<16}{'planner':<8}{'RAM budget':>11}{'cpu / disk':>22}{'pred ms':>9}{'meas ms':>9}"
-            f"{'spread':>8}{'error':>8}{'err@now':>8}{'others':>8}  bottleneck")
+            f"{'spread':>8}{'error':>8}{'err@now':>8}{'stall p/m ms':>14}{'others':>8}{'disk':>6}  bottleneck")
     print(head)
     print("(spread: (slowest - fastest round) / median; err@now: predicted with the disk re-measured just before "
-          "each round; others: CPU share other processes used while measuring)")
+          "each round; stall: seconds per token the loop waited for reads, predicted / measured; others, disk: "
+          "CPU share other processes used and disk busy share just before measuring)")
     cost = [r for r in runs if r["planner"] == "cost"]
     for r in runs:
         res = f"{format_size(r['resident']['cpu'])} / {format_size(r['resident']['disk'])}"
         same = f"  (= {r['same_as']} plan)" if r["same_as"] else ""
         print(f"{r['model']:<9}{r['scenario']:<16}{r['planner']:<8}{format_size(r['ram']):>11}{res:>22}"
               f"{1e3 * r['predicted']:>9.1f}{1e3 * r['measured']:>9.1f}{100 * r['spread']:>7.0f}%{100 * r['error']:>7.1f}%"
-              f"{100 * r['error_now']:>7.1f}%"
-              f"{100 * r['others_busy']:>7.0f}%  {r['bottleneck']}{same}")
+              f"{100 * r['error_now']:>7.1f}%{1e3 * r['predicted_stall']:>7.0f} /{1e3 * r['stall']:>5.0f}"
+              f"{100 * r['others_busy']:>7.0f}%{100 * r['others_disk']:>5.0f}%  {r['bottleneck']}{same}")
     distinct = [r for r in runs if not r["same_as"]]
     errs = [abs(r["error"]) for r in distinct]
     now = [abs(r["error_now"]) for r in distinct]

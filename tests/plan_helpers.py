@@ -30,7 +30,9 @@ def synthetic_profile(gpu: bool = False, fingerprint: dict | None = None) -> Pro
     return Profile(
         fingerprint=fingerprint or {"cpu": "synthetic"}, ram_bytes=64 * 2**30, gpu_bytes=80 * 2**30 if gpu else None,
         disk_free_bytes=2**40, disk_dir="/tmp",
-        disk_read={"buffered": [[b, b / (b / 2e9 + 20e-6)] for b in BLOCKS], "direct": [[b, b / (b / 3e9 + 50e-6)] for b in BLOCKS]},
+        disk_read={"buffered": [[b, b / (b / 2e9 + 20e-6)] for b in BLOCKS],
+                   "direct": [[b, b / (b / 3e9 + 50e-6)] for b in BLOCKS],
+                   "pool": [[b, b / (b / 3e9 + 40e-6)] for b in BLOCKS]},
         host_clone=[[b, 5e9] for b in BLOCKS], ram_read_bps=8e9, host_to_device=h2d, compute=compute,
     )
 

@@ -5,8 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from hetero.errors import HeteroError
 from hetero.placement.cost import Workload, bucket_streams, predict, tables, tier_index
 from hetero.placement.plan import Plan
+from hetero.placement.schedule import COLS, COMP, PRE, SYNC, TIME, replay
 
 from plan_helpers import synthetic_profile, tiny_desc
 
@@ -32,15 +34,18 @@ def test_disk_costs_more_than_ram_and_the_bottleneck_says_why():
         assert d["compute"] == pytest.approx(r["compute"], rel=0.05) and d["disk"] > 0
 
 
-def test_decode_is_the_sum_of_per_group_costs_and_fixed_overheads():
+def test_without_read_ahead_decode_is_the_sum_of_per_group_costs_and_fixed_overheads():
     desc = tiny_desc("mixtral", layers=2, experts=4)
-    p, wl = synthetic_profile(), Workload(prompt_tokens=16, new_tokens=16)
-    plan = _plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu")
+    p, wl = synthetic_profile(), Workload(prompt_tokens=16, new_tokens=16, overlap=False)
+    plan = _plan(desc, lambda g: "disk" if g.kind == "expert" or g.layer == 1 else "cpu")
     t = tables(desc, p, wl, "cpu")
     idx = tier_index(t, plan)
-    by_group = t.decode[np.arange(len(idx)), idx].sum() + t.fixed_decode.sum()
-    assert predict(desc, plan, p, wl).decode_s_per_token == pytest.approx(by_group)
-    assert bucket_streams(t, idx).shape == (desc.args.num_hidden_layers + 2, 3)
+    by_group = t.decode[np.arange(len(idx)), idx][:, TIME].sum() + t.fixed_decode[:, TIME].sum()
+    serial = predict(desc, plan, p, wl).decode_s_per_token
+    assert serial == pytest.approx(by_group)
+    assert bucket_streams(t, idx).shape == (desc.args.num_hidden_layers + 2, COLS)
+    # the executor's pipeline reads layer 1 while layer 0 computes: never slower than waiting for every read
+    assert predict(desc, plan, p, Workload(prompt_tokens=16, new_tokens=16)).decode_s_per_token < serial
 
 
 def test_experts_count_by_activation_probability():
@@ -52,7 +57,7 @@ def test_experts_count_by_activation_probability():
     e = desc.groups.index(next(g for g in desc.groups if g.name == "layers.0.experts.0"))
     uniform = tables(desc, p, Workload(), "cpu")
     always = tables(desc, p, Workload(expert_freq={0: [1.0, 0.5, 0.5, 0.0]}), "cpu")
-    extra = [t.decode[e, 2].sum() - t.decode[e, 1].sum() for t in (uniform, always)]
+    extra = [t.decode[e, 2, TIME].sum() - t.decode[e, 1, TIME].sum() for t in (uniform, always)]
     assert one - base == pytest.approx(extra[0]) and extra[0] == pytest.approx(0.5 * extra[1])
     # a routing trace: expert 0 picked by 95% of tokens costs more on disk than expert 3 at 5%
     trace = Workload(expert_freq={0: [0.95, 0.5, 0.5, 0.05]})
@@ -71,16 +76,58 @@ def test_kv_cost_grows_with_context_and_prefill_with_prompt():
     assert long.prefill_s > short.prefill_s
 
 
-def test_overlap_costs_each_layer_its_slowest_stream():
+def _rows(layers, pre=(), comp=1.0, head_sync=0.0, head_comp=0.0):
+    """Cost rows [layers + 2][COLS]: `comp` seconds of compute per layer, reads `pre` {layer: seconds}."""
+    rows = np.zeros((layers + 2, COLS))
+    rows[1:-1, COMP] = comp
+    for layer, s in dict(pre).items():
+        rows[layer + 1, PRE] = s
+    rows[-1, SYNC], rows[-1, COMP] = head_sync, head_comp
+    return rows
+
+
+def test_the_schedule_hides_reads_behind_compute_and_waits_when_they_are_late():
+    # compute-bound: layer 3's read (2 s) is queued while layers 0-2 compute (3 s): no wait
+    assert replay(_rows(4, {3: 2.0}), 1, None, False) == pytest.approx(4.0)
+    # read-bound: every layer reads 3 s and computes 1 s; the first read was queued during the
+    # previous token's lm_head (1 s), so the loop waits 2 s, then 3 s for each later read, then computes
+    stalls = [0.0] * 3
+    t = replay(_rows(3, {0: 3.0, 1: 3.0, 2: 3.0}, head_comp=1.0), 1, None, False, stalls=stalls)
+    assert t == pytest.approx(2 + 1 + 2 + 1 + 2 + 1 + 1) and stalls == pytest.approx([2.0, 2.0, 2.0])
+    assert t == pytest.approx(sum([3.0] * 3) + 1.0 + 1.0 - 1.0)  # disk busy all token but the last compute and lm_head
+    # a cold forward (prefill) has nothing queued ahead
+    assert replay(_rows(3, {0: 3.0, 1: 3.0, 2: 3.0}, head_comp=1.0), 1, None, False, steady=False) == pytest.approx(11.0)
+    # deeper read-ahead: a slow read early is absorbed by compute after it is queued
+    slow = _rows(6, {2: 4.0, 5: 1.0})
+    assert replay(slow, 2, None, False) <= replay(slow, 1, None, False)
+    # lm_head read on the compute thread shares the disk with the next token's queued reads
+    alone = replay(_rows(2, head_sync=2.0), 1, None, False)
+    shared = replay(_rows(2, {0: 1.0}, head_sync=2.0), 1, None, False)
+    assert alone == pytest.approx(4.0) and shared == pytest.approx(5.0)
+
+
+def test_prediction_replays_the_pipeline_between_serial_and_fully_overlapped():
     desc = tiny_desc("llama", layers=3, hidden_size=256, intermediate_size=1024)
     p = synthetic_profile()
+    plan = _plan(desc, lambda g: "disk" if g.kind in ("attn", "mlp") and g.layer > 0 else "cpu")
+    serial = predict(desc, plan, p, Workload(overlap=False))
+    piped = predict(desc, plan, p, Workload())
+    t = tables(desc, p, Workload(), "cpu")
+    rows = bucket_streams(t, tier_index(t, plan))
+    assert rows[:, PRE].sum() + rows[:, COMP].sum() == pytest.approx(serial.decode_s_per_token)
+    assert max(rows[:, PRE].sum(), rows[:, COMP].sum()) <= piped.decode_s_per_token < serial.decode_s_per_token
+    assert piped.stall_s == pytest.approx(sum(s["stall"] for _, s, _ in piped.layers))
+
+
+def test_read_sizes_follow_the_pack_layout():
+    desc = tiny_desc("llama", layers=2, hidden_size=256, intermediate_size=1024)
+    p = synthetic_profile()
     plan = _plan(desc, lambda g: "disk" if g.kind in ("attn", "mlp") else "cpu")
-    serial = predict(desc, plan, p, Workload())
-    overlapped = predict(desc, plan, p, Workload(overlap=True))
-    assert overlapped.decode_s_per_token < serial.decode_s_per_token
-    t = tables(desc, p, Workload(overlap=True), "cpu")
-    streams = bucket_streams(t, tier_index(t, plan))
-    assert overlapped.decode_s_per_token == pytest.approx(streams.max(axis=1).sum())
+    f32 = predict(desc, plan, p, Workload(overlap=False))
+    # an int8 pack: a quarter of the bytes read, decoded into float32 buffers on the compute thread
+    ext = {g.name: (-(-g.nbytes // 4 // 4096) * 4096, g.nbytes // 4, False) for g in desc.groups}
+    i8 = predict(desc, plan, p, Workload(overlap=False, extents=ext))
+    assert i8.streams["disk"] < 0.5 * f32.streams["disk"] and i8.streams["compute"] > f32.streams["compute"]
 
 
 def test_gpu_compute_pays_host_to_device_copies_for_ram_groups():
@@ -99,7 +146,7 @@ def test_gpu_compute_pays_host_to_device_copies_for_ram_groups():
 def test_an_untied_embedding_is_nearly_free_on_disk_and_a_tied_one_is_not():
     p = synthetic_profile()
     for tied, cheap in ((False, True), (True, False)):
-        desc = tiny_desc("llama", layers=2, vocab_size=8000, tie_word_embeddings=tied)
+        desc = tiny_desc("llama", layers=2, vocab_size=32000, hidden_size=256, tie_word_embeddings=tied)
         t = tables(desc, p, Workload(), "cpu")
         e = t.names.index("embed")
         extra = t.decode[e, 2].sum() - t.decode[e, 1].sum()
@@ -113,3 +160,38 @@ def test_the_cost_model_is_pure():
     plan = _plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu")
     a, b = predict(desc, plan, p), predict(desc, plan, p)
     assert dataclasses.asdict(a) == dataclasses.asdict(b)
+
+
+def test_expert_frequencies_from_a_trace_array_replace_the_uniform_prior():
+    desc = tiny_desc("mixtral", layers=2, experts=4)
+    p = synthetic_profile()
+    freq = np.array([[0.9, 0.9, 0.1, 0.1], [0.5, 0.5, 0.5, 0.5]])  # [n_moe_layers, E], rows sum to top_k
+    t = tables(desc, p, Workload(expert_freq=freq), "cpu")
+    cost = {n: t.decode[i, 2, TIME].sum() - t.decode[i, 1, TIME].sum() for i, n in enumerate(t.names)}
+    assert cost["layers.0.experts.0"] == pytest.approx(9 * cost["layers.0.experts.2"])
+    assert cost["layers.1.experts.0"] == pytest.approx(cost["layers.1.experts.3"])
+    with pytest.raises(HeteroError, match="do not fit"):
+        tables(desc, p, Workload(expert_freq=np.ones((3, 4))), "cpu")
+
+
+def test_an_expert_cache_serves_the_hottest_disk_experts():
+    desc = tiny_desc("mixtral", layers=1, experts=4)
+    p = synthetic_profile()
+    plan = _plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu")
+    freq = Workload(expert_freq={0: [0.9, 0.6, 0.4, 0.1]})
+    none, two, all4 = (predict(desc, dataclasses.replace(plan, expert_cache={"cpu": n}), p, freq).decode_s_per_token
+                       for n in (0, 2, 4))
+    ram = predict(desc, _plan(desc, lambda g: "cpu"), p, freq).decode_s_per_token
+    assert ram == pytest.approx(all4) and all4 < two < none
+    # two slots hold experts 0 and 1: as if they lived in RAM and 2, 3 on disk
+    hot = predict(desc, _plan(desc, lambda g: "disk" if g.kind == "expert" and g.expert >= 2 else "cpu"), p, freq)
+    assert two == pytest.approx(hot.decode_s_per_token)
+
+
+def test_experts_the_predictor_reads_ahead_overlap_compute():
+    desc = tiny_desc("mixtral", layers=3, experts=4, hidden_size=256, intermediate_size=512)
+    p = synthetic_profile()
+    plan = _plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu")
+    demand, ahead = (predict(desc, plan, p, Workload(expert_recall=r)) for r in (0.0, 0.9))
+    assert ahead.decode_s_per_token < demand.decode_s_per_token
+    assert ahead.streams["disk"] == pytest.approx(demand.streams["disk"])  # the same reads, hidden better

@@ -24,7 +24,10 @@ def test_quick_measurement_is_cached_until_the_hardware_changes(tmp_path, monkey
     monkeypatch.setenv("HETERO_HOME", str(tmp_path))
     p = hardware.get_profile(quick=True)
     assert p.quick and p.ram_bytes > 0 and p.disk_free_bytes > 0
-    for table in [p.disk_read["buffered"], p.host_clone]:
+    tables = [p.disk_read["buffered"], p.host_clone]
+    if p.disk_read["direct"] is not None:  # the reader pool reads with O_DIRECT too (not on tmpfs)
+        tables += [p.disk_read["direct"], p.disk_read["pool"]]
+    for table in tables:
         assert [b for b, _ in table] == list(probes.BLOCKS) and all(bps > 0 for _, bps in table)
     cpu = p.compute["cpu"]
     assert set(cpu["matvec"]) == {"float32", "bfloat16", "float16"}

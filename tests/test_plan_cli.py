@@ -1,7 +1,6 @@
-"""`hetero plan` on config-only directories of real models: fast, consistent totals, clear errors."""
+"""`hetero plan` on config-only directories of real models: consistent totals, clear errors."""
 
 import json
-import time
 
 import pytest
 
@@ -9,29 +8,7 @@ from hetero.cli import main
 
 from plan_helpers import synthetic_profile
 
-# the published config.json values (the fields hetero reads)
-CONFIGS = {
-    "Mixtral-8x7B": (46.7e9, dict(
-        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
-        tie_word_embeddings=False, torch_dtype="bfloat16")),
-    "Qwen3-30B-A3B": (30.5e9, dict(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
-        use_sliding_window=False, torch_dtype="bfloat16")),
-    "Llama-3-70B": (70.6e9, dict(
-        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16")),
-    "Qwen3-235B-A22B": (235.1e9, dict(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
-        num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=1536, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-        max_position_embeddings=40960, tie_word_embeddings=False, use_sliding_window=False, torch_dtype="bfloat16")),
-}
+from published_configs import CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +36,11 @@ def _plan(capsys, *argv):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_config_only_plans_are_fast_and_consistent(tmp_path, capsys, profile_file, name):
+def test_config_only_plans_are_consistent(tmp_path, capsys, profile_file, name):
+    # how fast it answers is measured by benchmarks/plan_speed.py (no timing thresholds in tests)
     d = _config_dir(tmp_path, name)
-    t0 = time.perf_counter()
     code, out, err = _plan(capsys, d, "--ram", "64GB", "--context", "4096", "--json", "--profile", profile_file)
-    elapsed = time.perf_counter() - t0
     assert code == 0, err
-    assert elapsed < 2.0, f"{name}: hetero plan took {elapsed:.2f} s"
     r = json.loads(out)
     params, cfg = CONFIGS[name]
     assert r["source"] == "config" and r["parameters"] == pytest.approx(params, rel=0.03)

@@ -24,13 +24,14 @@ def _fits(desc, plan) -> bool:
 
 def _brute_force(desc, profile, budgets, compute, context):
     """The best decode time over every placement that fits (norms stay on the compute tier, as always)."""
-    base = greedy_plan(list(desc.groups), desc.args, desc.dtype, budgets, compute, context)
+    base = greedy_plan(list(desc.groups), desc.args, desc.dtype, budgets, compute, context, expert_cache={})
     tabs = tables(desc, profile, WORKLOAD, compute)
     movable = [g.name for g in desc.groups if g.kind != "norms"]
     best = None
     for combo in itertools.product(("gpu", "cpu", "disk") if compute == "gpu" else ("cpu", "disk"), repeat=len(movable)):
         tiers = {g.name: compute for g in desc.groups} | dict(zip(movable, combo))
-        plan = Plan(tiers=tiers, compute=compute, budgets=base.budgets, kv_tokens=base.kv_tokens)
+        plan = Plan(tiers=tiers, compute=compute, budgets=base.budgets, kv_tokens=base.kv_tokens, depth=base.depth,
+                    expert_cache=base.expert_cache)  # the expert caches are taken before homes are placed
         if _fits(desc, plan):
             s = predict(desc, plan, profile, WORKLOAD, tabs).decode_s_per_token
             best = s if best is None else min(best, s)
@@ -47,7 +48,9 @@ def test_within_one_percent_of_brute_force(compute, model):
     need = minimum_bytes(list(desc.groups), desc.args, desc.dtype, compute, 256)
     for _ in range(10):  # from the minimum working set to everything fitting
         budgets = {t: need[t] + rng.randint(0, desc.total_bytes) if t in need else None for t in ("gpu", "cpu")}
-        plan = plan_model(desc, budgets, compute, 256, profile, WORKLOAD, fixed_context=True)
+        # no expert cache (greedy_plan's default reserves one for MoE models): placements alone are compared
+        # tie=0: the optimiser's own plan (by default greedy's is kept within the model's error)
+        plan = plan_model(desc, budgets, compute, 256, profile, WORKLOAD, fixed_context=True, expert_cache={}, tie=0.0)
         ours = predict(desc, plan, profile, WORKLOAD).decode_s_per_token
         best = _brute_force(desc, profile, budgets, compute, 256)
         assert ours <= best * 1.01, (budgets, ours, best)
@@ -84,7 +87,8 @@ def test_value_per_byte_keeps_every_token_groups_before_rare_experts():
     profile = synthetic_profile()
     need = minimum_bytes(list(desc.groups), desc.args, desc.dtype, "cpu", 256)["cpu"]
     dense = sum(g.nbytes for g in desc.groups if g.kind in ("attn", "mlp", "lm_head"))
-    plan = plan_model(desc, {"cpu": need + dense}, "cpu", 256, profile, WORKLOAD, fixed_context=True)
+    plan = plan_model(desc, {"cpu": need + dense}, "cpu", 256, profile, WORKLOAD, fixed_context=True,
+                      expert_cache={}, tie=0.0)  # no expert cache: the budget is for homes only; the optimiser's plan
     for g in desc.groups:
         if g.kind in ("attn", "lm_head"):
             assert plan.tiers[g.name] == "cpu", g.name
@@ -158,3 +162,25 @@ def test_load_offloaded_plans_by_cost_by_default_and_reports_a_prediction(tmp_pa
     assert s["predicted_decode_s_per_token"] > 0 and s["decode_s_per_token"] > 0
     with pytest.raises(HeteroError, match="planner 'fastest'"):
         hetero.load_offloaded(ckpt, ram=ram, planner="fastest", profile=profile)
+
+
+def test_hot_experts_from_a_routing_trace_get_the_faster_tier():
+    """With routing frequencies (RoutingTrace.frequencies(): [n_moe_layers, E]), the experts a trace
+    shows hot stay in RAM and the cold ones go to disk; under the uniform prior all look alike."""
+    import numpy as np
+
+    desc = tiny_desc("mixtral", layers=2, experts=8)
+    profile = synthetic_profile()
+    # top-2, rows sum to 2; the hot experts are not the first ones, where greedy's order would put them
+    freq = np.array([[0.02, 0.6, 0.03, 0.5, 0.05, 0.4, 0.1, 0.3], [0.6, 0.02, 0.5, 0.03, 0.4, 0.05, 0.3, 0.1]])
+    need = minimum_bytes(list(desc.groups), desc.args, desc.dtype, "cpu", 256)["cpu"]
+    dense = sum(g.nbytes for g in desc.groups if g.kind != "expert")
+    expert = next(g.nbytes for g in desc.groups if g.kind == "expert")
+    budget = need + dense + 8 * expert  # room for half the experts
+    plan = plan_model(desc, {"cpu": budget}, "cpu", 256, profile, Workload(32, 32, expert_freq=freq), fixed_context=True)
+    for layer in (0, 1):
+        tiers = [plan.tiers[f"layers.{layer}.experts.{e}"] for e in range(8)]
+        ram = [freq[layer, e] for e in range(8) if tiers[e] == "cpu"]
+        disk = [freq[layer, e] for e in range(8) if tiers[e] == "disk"]
+        assert ram and disk, tiers
+        assert min(ram) > max(disk), tiers  # every expert in RAM is hotter than every expert on disk

@@ -1,28 +1,30 @@
 """The cost model: pure functions of (model, plan, hardware profile, workload) -> predicted times.
 
-Each token runs the executor's loop: embed, then per layer the reads, copies and compute of that
-layer's groups, then the final norm and lm_head. Every group on every tier contributes seconds to
-three streams of its layer — "disk" (cold reads of its tensors at the measured bandwidth for their
-size, plus dtype conversion), "copy" (host -> accelerator) and "compute" (its weights through the
-measured decode matvec or prefill matmul) — and each layer adds the per-layer overhead measured for
-its family plus attention over the KV cache. Today's executor runs the streams one after another
-(a layer costs their sum); `Workload.overlap` models an executor that overlaps them (a layer costs
-its slowest stream). Experts count by activation probability: a uniform top_k / num_experts, or a
-measured per-expert frequency table.
+Every group on every tier costs seconds in the columns of schedule.py: reads the prefetch pipeline
+issues ahead (a disk-tier layer's extents through the reader pool), host -> device copies, work on
+the compute thread (its weights through the measured decode matvec or prefill matmul, dtype
+conversion of what it read, dispatch), on-demand expert fetches through the pool, and reads made on
+the compute thread (lm_head slices, embedding rows). Each layer adds the per-layer overhead
+measured for its family plus attention over the KV cache. Read sizes are those of the pack's
+extents, as the runtime reads them. schedule.replay then runs the executor's loop over the layers'
+sums: reads ahead of compute by the plan's depth, and the next token's first reads during lm_head.
+Experts count by activation probability: a uniform top_k / num_experts, or per-expert frequencies
+from a routing trace (Workload.expert_freq).
 
-Shape legend: n groups, 3 tiers (gpu, cpu, disk), 3 streams (disk, copy, compute), b buckets
+Shape legend: n groups, 3 tiers (gpu, cpu, disk), c = schedule.COLS cost columns, b buckets
 (0: embedding, 1..L: decoder layers, L+1: final norm and lm_head).
 """
 
 from dataclasses import dataclass, field
-from math import ceil
+from math import ceil, log
 
 import numpy as np
 
 from ..errors import HeteroError
 from .describe import ModelDesc
 from .hardware import Profile
-from .plan import LM_HEAD_CHUNK_BYTES, TIERS, Plan
+from .plan import EXTENT_ALIGN, HEAD_READ_SLACK, LM_HEAD_CHUNK_BYTES, TIERS, Plan, next_token_reads
+from .schedule import COLS, COMP, COPY, FIFO, HAZ, PRE, SYNC, replay, serial
 
 STREAMS = ("disk", "copy", "compute")
 FETCH_OPS = 2  # per tensor brought to the device: accountant, bind/unbind — dispatch-sized Python work
@@ -34,20 +36,26 @@ class Workload:
 
     Attributes:
         prompt_tokens, new_tokens: one request's prompt and answer lengths.
-        overlap: the executor overlaps reads and copies with compute (a layer costs its slowest
-            stream); False for today's executor, which runs them one after another.
-        read_mode: how disk-tier bytes are read: "buffered" (pread, today's runtime) or "direct".
+        overlap: the executor's prefetch pipeline reads ahead of compute (True, the runtime's loop);
+            False predicts a loop that waits for every read.
         gpu: what the gpu tier is: "cuda", "fake-gpu" (host memory standing in); default cuda when profiled.
-        expert_freq: layer -> per-expert probability of being picked by a token (sums to top_k),
-            from routing statistics; default the uniform top_k / num_experts.
+        expert_freq: per-expert probability that a token picks the expert (rows sum to top_k), from a
+            routing trace: an array [n_moe_layers, num_experts] (rows in layer order, as
+            experts.trace.RoutingTrace.frequencies() gives) or {layer: row}; default uniform top_k / num_experts.
+        extents: the pack's layout, group -> (extent bytes, data bytes, tensors are views in the compute
+            dtype), as flash.pack.staging_extents gives; default a pack in the compute dtype.
+        expert_recall: share of the experts a token uses that the routing predictor read ahead (its
+            measured recall at the lookahead; experts/manager.py): those reads overlap compute like
+            the pipeline's, the rest are fetched on demand; 0 with prediction off.
     """
 
     prompt_tokens: int = 128
     new_tokens: int = 128
-    overlap: bool = False
-    read_mode: str = "buffered"
+    overlap: bool = True
     gpu: str | None = None
-    expert_freq: dict | None = field(default=None, hash=False)
+    expert_freq: object = field(default=None, hash=False, compare=False)
+    extents: dict | None = field(default=None, hash=False, compare=False)
+    expert_recall: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,10 @@ class Prediction:
     prefill_s: float
     decode_s_per_token: float
     bottleneck: str  # the stream that takes the longest per decoded token
-    streams: dict = field(hash=False)  # decode seconds per token by stream
-    layers: list = field(hash=False)  # per decoder layer: (layer, {stream: s}, bottleneck)
+    streams: dict = field(hash=False)  # decode seconds per token by stream (work, overlapped or not)
+    # per decoder layer: (layer, {stream: s, "stall": wait for its reads, "loop": s the loop spends on it}, bottleneck)
+    layers: list = field(hash=False)
+    stall_s: float = 0.0  # decode seconds per token the loop waits for reads (prefetched layers, expert fetches)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -64,7 +74,7 @@ class Prediction:
 
 
 class Speeds:
-    """The profile's figures for one way of running: compute device, read mode, what the gpu tier is."""
+    """The profile's figures for one way of running: compute device, what the gpu tier is."""
 
     def __init__(self, profile: Profile, compute: str, workload: Workload):
         gpu = workload.gpu or ("cuda" if "cuda" in profile.compute else "fake-gpu")
@@ -77,8 +87,10 @@ class Speeds:
         self.matmul, self.op_s, self.overheads = c["matmul_flops"], c["op_s"], c["overheads"]
         self._mv = {dt: (np.log2([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=float))
                     for dt, rows in c["matvec"].items()}
-        disk = profile.disk_read.get(workload.read_mode) or profile.disk_read["buffered"]
-        self._disk = _table(disk)
+        d = profile.disk_read
+        # a profile from before the pool probe: its O_DIRECT (else buffered) figures stand in
+        self._direct = _table(d.get("direct") or d["buffered"])
+        self._pool = _table(d["pool"]) if d.get("pool") else self._direct
         self._clone = _table(profile.host_clone)
         h2d = profile.host_to_device
         self._h2d = _table(h2d["pageable"]) if gpu == "cuda" and h2d else self._clone  # runtime copies are pageable
@@ -95,8 +107,13 @@ class Speeds:
         logk, bps = self._mv[dtype]
         return nbytes / float(np.interp(np.log2(max(1, cols)), logk, bps))
 
-    def read(self, n: int) -> float:
-        return self._t(self._disk, n) if n else 0.0
+    def pool(self, n: int) -> float:
+        """Seconds of reading one n-byte extent through the reader pool, in a stream of such reads."""
+        return self._t(self._pool, n) if n else 0.0
+
+    def direct(self, n: int) -> float:
+        """Seconds of one O_DIRECT read of n bytes on the compute thread."""
+        return self._t(self._direct, n) if n else 0.0
 
     def clone(self, n: int) -> float:
         return self._t(self._clone, n) if n else 0.0
@@ -121,62 +138,100 @@ def _interp(table, n: int) -> float:
     return float(np.interp(n, blocks, times))
 
 
-# ---------------------------------------------------------------- per-group streams
+# ---------------------------------------------------------------- per-group costs
 
-def _expert_probs(desc: ModelDesc, workload: Workload) -> dict:
-    """(layer, expert) -> probability that one token picks that expert."""
+def expert_probs(desc: ModelDesc, workload: Workload) -> dict:
+    """(layer, expert) -> probability that one token picks that expert (Workload.expert_freq, else uniform)."""
     a = desc.args
     if not a.num_experts:
         return {}
+    moe = sorted({g.layer for g in desc.groups if g.kind == "expert"})
+    freq = workload.expert_freq
+    rows = {}
+    if freq is not None:
+        if isinstance(freq, dict):
+            rows = {int(k): v for k, v in freq.items()}
+        else:
+            arr = np.asarray(freq, dtype=float)
+            if arr.ndim != 2 or arr.shape != (len(moe), a.num_experts):
+                raise HeteroError(f"expert frequencies of shape {list(arr.shape)} do not fit this model's "
+                                  f"{len(moe)} MoE layers of {a.num_experts} experts")
+            rows = dict(zip(moe, arr))
     uniform = a.num_experts_per_tok / a.num_experts
-    freq = workload.expert_freq or {}
     out = {}
     for g in desc.groups:
         if g.kind == "expert":
-            row = freq.get(g.layer, freq.get(str(g.layer)))
-            out[(g.layer, g.expert)] = float(row[g.expert]) if row is not None else uniform
+            row = rows.get(g.layer)
+            out[(g.layer, g.expert)] = min(1.0, max(0.0, float(row[g.expert]))) if row is not None else uniform
     return out
 
 
-def _fetch(sp: Speeds, reads, nbytes: int, tier: str, compute: str) -> np.ndarray:
-    """Streams [3] of bringing a group's tensors (stored sizes `reads`) from `tier` to the compute device."""
+def _extent(workload: Workload, g) -> tuple:
+    """(extent bytes, data bytes, is a view) of a group in the pack (default: the compute dtype)."""
+    if workload.extents and g.name in workload.extents:
+        return tuple(workload.extents[g.name])
+    return -(-max(g.nbytes, 1) // EXTENT_ALIGN) * EXTENT_ALIGN, g.nbytes, True
+
+
+def _fetch(sp: Speeds, desc, g, tier: str, compute: str, ext: tuple) -> np.ndarray:
+    """Costs [c] of bringing one group from `tier` to the compute device (its read in the PRE column)."""
+    out = np.zeros(COLS)
     if tier == compute:
-        return np.zeros(3)
-    ratio = sum(reads) / max(1, nbytes)  # stored / compute bytes
-    disk = copy = 0.0
-    for r in reads:
-        n = int(r / ratio) if ratio else r  # the tensor in the compute dtype
-        if tier == "disk":
-            pieces = max(1, ceil(n / LM_HEAD_CHUNK_BYTES)) if compute == "gpu" else 1  # gpu-bound reads go in slices
-            disk += pieces * sp.read(ceil(r / pieces)) + (sp.clone(n) if r != n else 0.0)
-            if compute == "gpu":
-                copy += pieces * sp.h2d(ceil(n / pieces))
-        else:  # cpu tier, computing on the gpu
-            copy += sp.h2d(n)
-    return np.array([disk, copy, len(reads) * FETCH_OPS * sp.op_s])
+        return out
+    out[COMP] = len(desc.reads[g.name]) * FETCH_OPS * sp.op_s
+    if tier == "disk":
+        extent, data, view = ext
+        out[PRE] = sp.pool(extent)
+        if compute == "gpu":
+            out[COPY] = sp.h2d(data)  # the raw bytes go to the device, decoded there
+        elif not view:
+            out[COMP] += sp.clone(g.nbytes)  # decoded into compute-dtype buffers on the compute thread
+    else:  # a cpu-tier group, computing on the gpu: one copy per tensor
+        ratio = g.nbytes / max(1, sum(desc.reads[g.name]))
+        out[COPY] = sum(sp.h2d(int(r * ratio)) for r in desc.reads[g.name])
+    return out
 
 
-def _head(sp: Speeds, desc: ModelDesc, g, tier: str, compute: str) -> np.ndarray:
-    """Streams [3] of one position's logits through lm_head (or a tied embedding used as lm_head).
+def _head(sp: Speeds, desc: ModelDesc, g, tier: str, compute: str, ext: tuple) -> np.ndarray:
+    """Costs [c] of one position's logits through lm_head (or a tied embedding used as lm_head).
 
-    Off the compute device the matrix is streamed in LM_HEAD_CHUNK_BYTES slices of the vocabulary.
+    Off the compute device the matrix is streamed in LM_HEAD_CHUNK_BYTES slices of the vocabulary,
+    each read (from disk, on the compute thread) and, computing on the gpu, copied before it computes.
     """
     V, C = desc.args.vocab_size, desc.args.hidden_size
     item = desc.dtype.itemsize
-    stored = sum(desc.reads[g.name]) / max(1, g.nbytes) * item  # stored bytes per element
-    compute_s = sp.mv(V * C * item, C, _dt(desc, sp))
+    out = np.zeros(COLS)
+    out[COMP] = sp.mv(V * C * item, C, _dt(desc, sp))
     if tier == compute:
-        return np.array([0.0, 0.0, compute_s])
+        return out
+    _, data, view = ext
+    stored = data / max(1, g.nbytes) * item  # stored bytes per element
     per_slice = max(1, LM_HEAD_CHUNK_BYTES // (C * item))
     n_slices = ceil(V / per_slice)
-    disk = copy = 0.0
     for s in range(n_slices):
         n = min(per_slice, V - s * per_slice) * C
         if tier == "disk":
-            disk += sp.read(int(n * stored)) + (sp.clone(n * item) if stored != item else 0.0)
+            out[SYNC] += sp.direct(-(-int(n * stored) // EXTENT_ALIGN) * EXTENT_ALIGN + EXTENT_ALIGN)
+            out[COMP] += 0.0 if view else sp.clone(n * item)
         if compute == "gpu":
-            copy += sp.h2d(n * item)
-    return np.array([disk, copy, compute_s + n_slices * FETCH_OPS * sp.op_s])
+            out[COPY] += sp.h2d(n * item)
+    out[COMP] += n_slices * FETCH_OPS * sp.op_s
+    return out
+
+
+def _rows(sp: Speeds, desc, g, tier: str, compute: str, T: int, ext: tuple) -> np.ndarray:
+    """Costs [c] of gathering T positions' rows of an embedding table that is not on the compute device."""
+    out = np.zeros(COLS)
+    if tier == compute:
+        return out
+    uniq = min(T, desc.args.vocab_size)
+    row = desc.args.hidden_size * desc.dtype.itemsize
+    stored = int(row * ext[1] / max(1, g.nbytes))
+    if tier == "disk":  # one direct read per row, widened to alignment
+        out[SYNC] = uniq * sp.direct(min(-(-stored // EXTENT_ALIGN) * EXTENT_ALIGN + EXTENT_ALIGN, stored + HEAD_READ_SLACK))
+    out[COPY] = sp.h2d(uniq * row) if compute == "gpu" else 0.0
+    out[COMP] = FETCH_OPS * sp.op_s
+    return out
 
 
 def _dt(desc: ModelDesc, sp: Speeds) -> str:
@@ -186,13 +241,14 @@ def _dt(desc: ModelDesc, sp: Speeds) -> str:
 
 @dataclass(frozen=True)
 class Tables:
-    """Seconds per group, tier and stream (decode per token, and one prefill), plus fixed seconds per bucket.
+    """Seconds per group, tier and cost column (decode per token, and one prefill), plus fixed seconds per bucket.
 
     Attributes:
-        decode, prefill: [n, 3 tiers, 3 streams] (inf where a tier cannot hold the group).
-        fixed_decode, fixed_prefill: [b, 3 streams] — overheads and attention, whatever the placement.
+        decode, prefill: [n, 3 tiers, c] (inf where a tier cannot hold the group); columns as in schedule.py.
+        fixed_decode, fixed_prefill: [b, c] — overheads and attention, whatever the placement.
         bucket: [n] the bucket of each group; nbytes: [n]; names: group names in order.
         label: the compute device, in words.
+        gpu: the compute device is the gpu tier (copies of layer j+1 wait for its reads before j computes).
     """
 
     decode: np.ndarray
@@ -212,60 +268,63 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
     sp = Speeds(profile, compute, workload)
     a, dt = desc.args, _dt(desc, sp)
     L, P = a.num_hidden_layers, max(1, workload.prompt_tokens)
-    probs = _expert_probs(desc, workload)
+    probs = expert_probs(desc, workload)
     n = len(desc.groups)
-    dec, pre = np.zeros((n, 3, 3)), np.zeros((n, 3, 3))
+    dec, pre = np.zeros((n, 3, COLS)), np.zeros((n, 3, COLS))
     bucket = np.zeros(n, dtype=np.int64)
     allowed = [t for t in TIERS if compute == "gpu" or t != "gpu"]
     memo = {}
     for i, g in enumerate(desc.groups):
         bucket[i] = 0 if g.kind == "embed" and not a.tie_word_embeddings else (L + 1 if g.layer is None else g.layer + 1)
+        ext = _extent(workload, g)
         for ti, t in enumerate(TIERS):
             if t not in allowed or (g.kind == "norms" and t != compute):
                 dec[i, ti] = pre[i, ti] = np.inf
                 continue
             if g.kind == "norms":
                 continue
-            key = (g.kind, g.nbytes, desc.reads[g.name], t, probs.get((g.layer, g.expert)))
+            p = probs.get((g.layer, g.expert), 1.0)
+            key = (g.kind, g.nbytes, desc.reads[g.name], ext, t, p)
             if key not in memo:
-                memo[key] = _group(sp, desc, g, t, compute, P, probs.get((g.layer, g.expert), 1.0), dt)
+                memo[key] = _group(sp, desc, g, t, compute, P, p, dt, ext, workload.expert_recall)
             dec[i, ti], pre[i, ti] = memo[key]
     fixed_d, fixed_p = _fixed(sp, desc, workload, probs)
     return Tables(dec, pre, fixed_d, fixed_p, bucket, np.array([g.nbytes for g in desc.groups], dtype=np.int64),
                   tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap)
 
 
-def _group(sp: Speeds, desc, g, tier: str, compute: str, P: int, p: float, dt: str):
-    """(decode streams [3], prefill streams [3]) of one group on one tier."""
+def _group(sp: Speeds, desc, g, tier: str, compute: str, P: int, p: float, dt: str, ext: tuple, recall: float = 0.0):
+    """(decode costs [c], prefill costs [c]) of one group on one tier (recall: Workload.expert_recall)."""
     if g.kind == "lm_head":
-        head = _head(sp, desc, g, tier, compute)  # prefill computes the last position's logits only
+        head = _head(sp, desc, g, tier, compute, ext)  # prefill computes the last position's logits only
         return head, head
     if g.kind == "embed":
-        rows_d, rows_p = _rows(sp, desc, tier, compute, 1), _rows(sp, desc, tier, compute, P)
+        rows_d, rows_p = _rows(sp, desc, g, tier, compute, 1, ext), _rows(sp, desc, g, tier, compute, P, ext)
         if desc.args.tie_word_embeddings:
-            head = _head(sp, desc, g, tier, compute)
+            head = _head(sp, desc, g, tier, compute, ext)
             return head + rows_d, head + rows_p
         return rows_d, rows_p
-    fetched = _fetch(sp, desc.reads[g.name], g.nbytes, tier, compute)
+    fetched = _fetch(sp, desc, g, tier, compute, ext)
     ratio = g.nbytes / max(1, sum(desc.reads[g.name]))  # compute / stored bytes
     mv = sum(sp.mv(r * ratio, k, dt) for r, k in zip(desc.reads[g.name], desc.cols[g.name]))
     mm = 2 * P * (g.nbytes / desc.dtype.itemsize) / sp.matmul[dt]
-    if g.kind == "expert":
-        active = 1 - (1 - p) ** P  # chance that at least one prompt token picks it
-        return p * (fetched + [0, 0, mv]), active * fetched + [0, 0, max(active * mv, p * mm)]
-    return fetched + [0, 0, mv], fetched + [0, 0, max(mv, mm)]
-
-
-def _rows(sp: Speeds, desc, tier: str, compute: str, T: int) -> np.ndarray:
-    """Streams of gathering T positions' rows of an embedding table that is not on the compute device."""
-    if tier == compute:
-        return np.zeros(3)
-    uniq = min(T, desc.args.vocab_size)
-    row = desc.args.hidden_size * desc.dtype.itemsize
-    stored = int(row * sum(desc.reads["embed"]) / max(1, next(g.nbytes for g in desc.groups if g.name == "embed")))
-    disk = uniq * sp.read(stored) if tier == "disk" else 0.0
-    copy = sp.h2d(uniq * row) if compute == "gpu" else 0.0
-    return np.array([disk, copy, FETCH_OPS * sp.op_s])
+    dec, pre = fetched.copy(), fetched.copy()
+    dec[COMP] += mv
+    pre[COMP] += max(mv, mm)
+    if g.kind != "expert":
+        return dec, pre
+    # fetched when picked: read ahead when the predictor saw it coming (as the pipeline's reads are),
+    # else on demand, waiting in the pool's queue behind what is queued (FIFO)
+    active = 1 - (1 - p) ** P  # chance that at least one prompt token picks it
+    recall = min(1.0, max(0.0, recall))
+    out = []
+    for share, work in ((p, p * mv), (active, max(active * mv, p * mm))):
+        c = share * fetched
+        c[FIFO], c[PRE] = share * (1 - recall) * fetched[PRE], share * recall * fetched[PRE]
+        c[HAZ] = -log(max(1e-12, 1 - share * (1 - recall))) if fetched[PRE] > 0 else 0.0
+        c[COMP] = share * fetched[COMP] + work
+        out.append(c)
+    return out[0], out[1]
 
 
 def _fixed(sp: Speeds, desc, workload: Workload, probs: dict):
@@ -279,7 +338,7 @@ def _fixed(sp: Speeds, desc, workload: Workload, probs: dict):
     window = a.sliding_window if a.model_type in ("mistral", "mixtral") and a.sliding_window else None
     if window:
         ctx = min(ctx, window)
-    fd, fp = np.zeros((L + 2, 3)), np.zeros((L + 2, 3))
+    fd, fp = np.zeros((L + 2, COLS)), np.zeros((L + 2, COLS))
     moe_layers = {g.layer for g in desc.groups if g.kind == "expert"}
     for l in range(L):
         ffn_d = ffn_p = o.get("mlp", 0.0)
@@ -289,29 +348,53 @@ def _fixed(sp: Speeds, desc, workload: Workload, probs: dict):
             ffn_p = o.get("moe", 0.0) + sum(1 - (1 - p) ** P for p in ps) * o.get("expert", 0.0)
         attn_d = sp.mv(kv_row * ctx, a.head_dim, dt)
         attn_p = 2 * a.num_attention_heads * a.head_dim * P * min(P, window or P) / sp.matmul[dt]
-        fd[l + 1, 2] = o["attn"] + ffn_d + attn_d
-        fp[l + 1, 2] = o["attn"] + ffn_p + attn_p
-    fd[L + 1, 2] = fp[L + 1, 2] = o["step"]
+        fd[l + 1, COMP] = o["attn"] + ffn_d + attn_d
+        fp[l + 1, COMP] = o["attn"] + ffn_p + attn_p
+    fd[L + 1, COMP] = fp[L + 1, COMP] = o["step"]
     return fd, fp
 
 
 # ---------------------------------------------------------------- a plan's times
 
 def bucket_streams(t: Tables, tier_index: np.ndarray, which: str = "decode") -> np.ndarray:
-    """[b, 3] seconds per bucket and stream for a placement given as tier indices [n]."""
-    per = (t.decode if which == "decode" else t.prefill)[np.arange(len(tier_index)), tier_index]  # [n, 3]
+    """[b, c] costs per bucket for a placement given as tier indices [n]."""
+    per = (t.decode if which == "decode" else t.prefill)[np.arange(len(tier_index)), tier_index]  # [n, c]
     out = (t.fixed_decode if which == "decode" else t.fixed_prefill).copy()
     np.add.at(out, t.bucket, per)
     return out
 
 
-def combine(streams: np.ndarray, overlap: bool) -> float:
-    """Seconds of the buckets' streams: run one after another, or overlapped (each bucket its slowest stream)."""
-    return float(streams.max(axis=1).sum() if overlap else streams.sum())
+def combine(rows: np.ndarray, overlap: bool, depth: int = 1, next_reads: int | None = None, gpu: bool = False,
+            steady: bool = True, stalls: list | None = None) -> float:
+    """Seconds of one forward over per-bucket costs [b, c]: the executor's schedule (schedule.replay), or serial."""
+    if not overlap:
+        return serial(rows)
+    return replay(rows, depth, next_reads, gpu, steady, stalls)
 
 
 def tier_index(t: Tables, plan: Plan) -> np.ndarray:
     return np.array([TIERS.index(plan.tiers[n]) for n in t.names], dtype=np.int64)
+
+
+def cached_index(t: Tables, plan: Plan, probs: dict) -> np.ndarray:
+    """Tier indices [n] as the plan's expert caches make them cost: each cache (plan.expert_cache, slots
+    per tier) is taken to hold the most used of the experts homed below its tier, which then cost as
+    if they lived on it. Under the uniform prior that is the cache's hit rate, slots / experts below."""
+    idx = tier_index(t, plan)
+    cache = getattr(plan, "expert_cache", None) or {}
+    for tier in ("gpu", "cpu"):
+        slots, ti = int(cache.get(tier, 0)), TIERS.index(tier)
+        if slots <= 0:
+            continue
+        below = [i for i, name in enumerate(t.names) if idx[i] > ti and name in probs]
+        below.sort(key=lambda i: -probs[t.names[i]])
+        for i in below[:slots]:
+            idx[i] = ti
+    return idx
+
+
+def _streams(row) -> dict:
+    return {"disk": float(row[PRE] + row[FIFO] + row[SYNC]), "copy": float(row[COPY]), "compute": float(row[COMP])}
 
 
 def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = Workload(), tabs: Tables | None = None) -> Prediction:
@@ -319,19 +402,30 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
 
     Args:
         desc: the model (describe.describe_dir / describe).
-        plan: where every group lives.
+        plan: where every group lives (and its prefetch depth).
         profile: this machine's measured figures.
-        workload: prompt and answer lengths, and how the executor runs.
+        workload: prompt and answer lengths, routing statistics, the pack's layout.
         tabs: precomputed tables(desc, profile, workload, plan.compute), to save recomputing them.
     """
     t = tabs or tables(desc, profile, workload, plan.compute)
-    idx = tier_index(t, plan)
+    probs = {f"layers.{l}.experts.{e}": p for (l, e), p in expert_probs(desc, workload).items()}
+    idx = cached_index(t, plan, probs)
     dec, pre = bucket_streams(t, idx, "decode"), bucket_streams(t, idx, "prefill")
-    names = {"disk": "disk read", "copy": "host->gpu copy", "compute": f"compute on {t.label}"}
+    extents = {k: tuple(v) for k, v in workload.extents.items()} if workload.extents else None
+    nxt = next_token_reads(list(desc.groups), plan.tiers, plan.compute, plan.depth, extents)
     L = len(dec) - 2
-    layers = [(l, dict(zip(STREAMS, map(float, dec[l + 1]))), names[STREAMS[int(dec[l + 1].argmax())]]) for l in range(L)]
-    totals = dec.sum(axis=0)
-    return Prediction(
-        prefill_s=combine(pre, t.overlap), decode_s_per_token=combine(dec, t.overlap),
-        bottleneck=names[STREAMS[int(totals.argmax())]], streams=dict(zip(STREAMS, map(float, totals))), layers=layers,
-    )
+    stalls = [0.0] * L
+    kw = dict(depth=plan.depth, next_reads=nxt, gpu=plan.compute == "gpu")
+    decode = combine(dec, t.overlap, stalls=stalls, **kw)
+    prefill = combine(pre, t.overlap, steady=False, **kw)
+    names = {"disk": "disk read", "copy": "host->gpu copy", "compute": f"compute on {t.label}"}
+    layers = []
+    for l in range(L):
+        r = dec[l + 1]
+        s = _streams(r)
+        # what the loop spends in the layer: its own work and reads, and its waits for reads (stalls)
+        loop = float(r[COMP] + r[COPY] + r[SYNC]) + stalls[l]
+        layers.append((l, {**s, "stall": stalls[l], "loop": loop}, names[max(s, key=s.get)]))
+    totals = _streams(dec.sum(axis=0))
+    return Prediction(prefill_s=prefill, decode_s_per_token=decode, bottleneck=names[max(totals, key=totals.get)],
+                      streams=totals, layers=layers, stall_s=float(sum(stalls)))

@@ -24,7 +24,7 @@ from ..errors import HeteroError
 from ..sizes import format_size
 from . import probes
 
-VERSION = 2  # bump when what is measured, or how, changes: older caches are then re-measured
+VERSION = 4  # bump when what is measured, or how, changes: older caches are then re-measured
 _FILE = "profile.json"
 
 
@@ -35,7 +35,9 @@ class Profile:
     Attributes:
         fingerprint: what the figures depend on (cpu, cpu_count, threads, ram, gpu, disk).
         ram_bytes, gpu_bytes, disk_free_bytes: capacities (gpu_bytes None without CUDA).
-        disk_read: {"buffered": table, "direct": table | None}, cold page cache, fresh buffer per read.
+        disk_read: {"pool": table | None, "direct": table | None, "buffered": table}, cold: "pool" by extent
+            size through the runtime's reader pool (prefetch, expert fetches), "direct" single O_DIRECT
+            preads (lm_head slices, embedding rows), "buffered" preads into fresh buffers (loading).
         host_clone: table of copies into fresh host tensors (fake-gpu transfers, dtype conversion).
         ram_read_bps: memcpy between existing buffers.
         host_to_device: {"pageable": table, "pinned": table, "device_to_host_bps": float} or None.
@@ -228,6 +230,7 @@ def profile_rows(p: Profile) -> list[tuple[str, str]]:
         ("GPU memory", format_size(p.gpu_bytes) if p.gpu_bytes else "no accelerator"),
         (f"disk free ({p.disk_dir})", format_size(p.disk_free_bytes)),
         ("disk read, buffered, cold (GB/s by read size)", _table_str(p.disk_read["buffered"])),
+        ("disk read, reader pool, O_DIRECT (GB/s by extent size)", _table_str(p.disk_read["pool"]) if p.disk_read.get("pool") else "unsupported here"),
         ("disk read, O_DIRECT (GB/s by read size)", _table_str(p.disk_read["direct"]) if p.disk_read.get("direct") else "unsupported here"),
         ("clone into a fresh host tensor (GB/s)", _table_str(p.host_clone)),
         ("RAM read (memcpy, GB/s)", f"{p.ram_read_bps / 1e9:.2f}"),

@@ -34,14 +34,23 @@ class _Owner:
 
 
 class _ResidentExperts:
-    """Stands in for runtime.weights.WeightStore.expert with every expert resident on the compute device."""
+    """Stands in for the executor's expert manager (experts/manager.py) with every expert resident on the
+    compute device: the dispatch loop's calls, none of the moving."""
+
+    compute = "resident"  # the tier the dispatch compares with: every expert computes where it is
 
     def __init__(self, weights):
         self.weights = weights
 
+    def begin_layer(self, layer, idx, w):
+        return torch.unique(idx).tolist()
+
+    def prepare(self, layer, x, counts):
+        pass
+
     @contextmanager
-    def expert(self, layer, e):
-        yield self.weights[e]
+    def serve(self, layer, e, n):
+        yield self.compute, self.weights[e]
 
 
 def _materialise(model, device):
@@ -60,7 +69,8 @@ def _build(model_type: str, top_k: int, device: str):
     for block in model.moe_blocks():
         experts = [tuple(torch.randn(s, device=device) * 0.02 for s in ((I, C), (I, C), (C, I)))
                    for _ in range(args.num_experts)]
-        block.experts = ExpertDispatch(_ResidentExperts(experts), block.layer_idx)
+        resident = _ResidentExperts(experts)
+        block.experts = ExpertDispatch(resident, block.layer_idx, manager=resident)
     return args, model
 
 

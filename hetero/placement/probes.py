@@ -1,8 +1,10 @@
 """Measurements behind `hetero profile`: each probe times what the runtime really does, the way it does it.
 
-Disk reads: a fresh torch buffer per read and a buffered pread of a file whose pages were just
-dropped from the page cache (what runtime.weights does), and O_DIRECT reads into aligned buffers (what
-a direct-I/O reader would do). Copies: clones into fresh tensors (the fake gpu's host->device copy,
+Disk reads, cold: through the runtime's own reader pool (flash/reader.py: O_DIRECT, each extent in
+CHECK_BLOCK pieces shared by its threads, a window of extents in flight — what the prefetch pipeline
+does), single O_DIRECT preads on the calling thread (how lm_head slices and embedding rows are read
+from a pack), and buffered preads into fresh buffers of a file just dropped from the page cache (how
+resident weights are loaded). Copies: clones into fresh tensors (the fake gpu's host->device copy,
 dtype conversions) and, with CUDA, host->device copies from pageable and pinned memory. Compute:
 decode (matrix-vector) and prefill (matrix-matrix) linears on weights larger than the caches, and the
 fixed cost of one decode step through each family's own modules at tiny sizes, which is the Python
@@ -68,16 +70,22 @@ def _span(block: int, file_bytes: int, quick: bool) -> int:
 
 
 def disk_read(path: str, quick: bool) -> dict:
-    """Cold-cache read bandwidth per block size, as [[block, bytes/s], ...] per mode ("buffered", "direct").
+    """Cold-cache read bandwidth per read size, as [[bytes, bytes/s], ...] per mode.
 
-    Repeats go round all block sizes in turn, so that each size is sampled at several moments and the
-    best of them is the disk's speed with the least interference from other processes.
+    Modes: "pool" (extents of that size streamed through the runtime's reader pool, POOL_WINDOW in
+    flight: the prefetch pipeline's reads and expert fetches), "direct" (O_DIRECT preads on this
+    thread: lm_head slices, embedding rows) and "buffered" (preads into fresh buffers: loading).
+    Repeats go round all sizes in turn, so that each size is sampled at several moments and the best
+    of them is the disk's speed with the least interference from other processes.
     """
+    from ..flash.reader import make_reader
+
     size = os.path.getsize(path)
-    repeats = 2 if quick else 5
-    best = {"buffered": {b: float("inf") for b in BLOCKS}, "direct": {b: float("inf") for b in BLOCKS}}
+    repeats = 2 if quick else 4
+    best = {m: {b: float("inf") for b in BLOCKS} for m in ("buffered", "direct", "pool")}
     fd = os.open(path, os.O_RDONLY)
     direct = _open_direct(path)
+    reader = make_reader() if direct is not None else None
     try:
         for _ in range(repeats):
             for block in BLOCKS:
@@ -85,13 +93,48 @@ def disk_read(path: str, quick: bool) -> dict:
                 best["buffered"][block] = min(best["buffered"][block], _buffered_once(fd, block, span))
                 if direct is not None:
                     best["direct"][block] = min(best["direct"][block], _direct_once(direct, block, span))
+                    best["pool"][block] = min(best["pool"][block], _pool_once(reader, direct, block, span, size))
     finally:
         _drop_cache(fd)
         os.close(fd)
         if direct is not None:
             os.close(direct)
+        if reader is not None:
+            reader.close()
     rows = {mode: [[b, _span(b, size, quick) / t] for b, t in times.items()] for mode, times in best.items()}
-    return {"buffered": rows["buffered"], "direct": rows["direct"] if direct is not None else None}
+    return {"buffered": rows["buffered"], "direct": rows["direct"] if direct is not None else None,
+            "pool": rows["pool"] if direct is not None else None}
+
+
+POOL_WINDOW = 2  # extents in flight: the pipeline's depth-1 window (this layer's reads and the next's)
+
+
+def _pool_once(reader, fd: int, extent: int, span: int, file_bytes: int) -> float:
+    """Seconds to stream span // extent extents through the reader pool, each in CHECK_BLOCK pieces.
+
+    Extents start a gap apart (the groups a plan keeps resident lie between the ones it reads), and a
+    new one is submitted as each lands, as runtime/pipeline.py does.
+    """
+    from ..flash.pack import CHECK_BLOCK
+    from ..flash.reader import aligned_empty
+
+    n = max(1, span // extent)
+    stride = max(extent, (file_bytes // n) // 4096 * 4096)
+    offsets = [(i * stride) % max(1, file_bytes - extent) // 4096 * 4096 for i in range(n)]
+    buf = aligned_empty(extent)  # the same buffer for every extent: the reads' timing, not their data, is wanted
+    pieces = [(p, min(CHECK_BLOCK, extent - p)) for p in range(0, extent, CHECK_BLOCK)]
+
+    def submit(off):
+        return [reader.submit(fd, buf[p:p + k], off + p) for p, k in pieces]
+
+    t0 = time.perf_counter()
+    flight, rest = [submit(off) for off in offsets[:POOL_WINDOW]], offsets[POOL_WINDOW:]
+    while flight:
+        for h in flight.pop(0):
+            reader.wait(h)
+        if rest:
+            flight.append(submit(rest.pop(0)))
+    return time.perf_counter() - t0
 
 
 def _buffered_once(fd: int, block: int, span: int) -> float:

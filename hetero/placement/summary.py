@@ -37,7 +37,7 @@ def layer_rows(desc: ModelDesc, plan: Plan, prediction) -> list[dict]:
         else:
             r[g.kind] = plan.tiers[g.name]
     for l, streams, bottleneck in prediction.layers:
-        rows[l]["decode_s"] = sum(streams.values())
+        rows[l]["decode_s"] = streams["loop"]
         rows[l]["bottleneck"] = bottleneck
     return [{**r, "experts": {t: r["experts"][t] for t in TIERS if r["experts"][t]}} for r in rows.values()]
 
@@ -103,7 +103,7 @@ def report(desc: ModelDesc, plan: Plan, prediction, workload: Workload, compute_
             "prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens,
             "prefill_s": p.prefill_s, "prefill_tokens_per_s": workload.prompt_tokens / p.prefill_s if p.prefill_s else None,
             "decode_s_per_token": p.decode_s_per_token, "decode_tokens_per_s": p.decode_tokens_per_s,
-            "bottleneck": p.bottleneck, "decode_streams_s": p.streams,
+            "bottleneck": p.bottleneck, "decode_streams_s": p.streams, "decode_stall_s": p.stall_s,
         },
         "minimum": {"context": MIN_CONTEXT, **minimum, "at_kv_tokens": at_ctx},
         "layers": layer_rows(desc, plan, prediction),
