@@ -2,7 +2,7 @@
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -11,12 +11,13 @@ import torch
 from .checkpoint.catalogue import Catalogue
 from .config import ModelArgs
 from .errors import HeteroError
+from .experts.build import build_manager
 from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
 from .models import family_for
 from .placement.describe import checkpoint_tensors, compute_dtype
-from .placement.greedy import greedy_plan
+from .placement.greedy import cache_tiers, expert_cache_slots, greedy_plan
 from .placement.groups import make_groups
 from .placement.plan import Plan, plan_table, validate
 from .runtime.device import detect
@@ -152,6 +153,8 @@ class OffloadedModel:
         out["io"] = {"prefetch_depth": self.plan.depth, "pack": str(w.pack.path) if w.pack else None,
                      "pack_dtype": w.pack.format.tag if w.pack else None,
                      "reader": w.reader.kind if w.reader else None, "direct_io": bool(w.reader and w.direct)}
+        experts = self.executor.experts
+        out["experts"] = experts.report() if experts is not None else None
         out["resident_bytes"] = self.executor.store.resident_bytes()
         out["memory"] = self.accountant.snapshot()
         out["device"] = self.device.name()
@@ -161,6 +164,8 @@ class OffloadedModel:
     def reset_stats(self):
         for k in self.executor.timing:
             self.executor.timing[k] = 0
+        if self.executor.experts is not None:
+            self.executor.experts.stats.reset()
 
     def plan_rows(self):
         return plan_table(self.plan, self.groups)
@@ -299,7 +304,8 @@ def pack_model(path_or_name, dtype=None, group_size=None, disk_dir=None, log_fn=
 def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None, device=None, plan=None,
                    context: int | None = None, log_fn=None, planner: str = "cost",
                    profile=None, pack=None, progress=None, attention: str = "exact",
-                   kv_budget=None) -> OffloadedModel:
+                   kv_budget=None, expert_cache=None, prefetch: bool = True,
+                   expert_policy: str = "score") -> OffloadedModel:
     """Load a model with its weights placed across gpu, cpu and disk within the given budgets.
 
     Args:
@@ -324,6 +330,15 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
             per-head ANN index of their keys; hetero/kvstore/retrieval.py).
         kv_budget: KV bytes kept on the compute device ("64MB"); past it, KV blocks go to RAM and disk.
             Default with retrieval: the plan's reservation for a min(4096, limit)-token cache.
+        expert_cache: MoE models: the expert caches' size — a size per cache ("2GB"), a number of slots
+            per cache, or {tier: slots}; 0 for none. Default: when experts do not all fit on the compute
+            tier, slots for the experts of the next few layers plus a share of the free budget
+            (placement.greedy.default_expert_cache), taken from the budgets before placing.
+        prefetch: MoE models: predict the experts of the next layers (experts/predictor.py) and load
+            them ahead into the caches; False loads experts on demand only (the baseline). Outputs
+            are identical either way.
+        expert_policy: the caches' replacement policy: "score" (decayed frequency x routing
+            weight, protecting predicted experts) or "lru".
     Returns:
         An OffloadedModel.
     """
@@ -354,16 +369,18 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
                           f"pack again with `hetero pack {path}`")
     fmt = opened.format if opened else packs.PackFormat.parse(pack or cdtype)
     extents = packs.staging_extents(opened.extents if opened else packs.layout(tensors, groups, fmt), cdtype)
+    if expert_policy not in ("score", "lru"):
+        raise HeteroError(f"expert_policy {expert_policy!r}: choose score or lru")
     if plan is None:
         # a budget below the minimum is refused before any seconds go into measuring the machine
         greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
-                    fixed_context=context is not None, extents=extents)
+                    fixed_context=context is not None, extents=extents, expert_cache=expert_cache)
     # measured quietly: a log line here would stand before a checkpoint error found later in loading
     profile = _profile_for(planner, profile, plan, lambda *_: None)
     if plan is None:
         plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev)
         plan = plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
-                           fixed_context=context is not None, extents=extents)
+                       fixed_context=context is not None, extents=extents, expert_cache=expert_cache)
         if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
             notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
         source = "plan"
@@ -372,6 +389,10 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         if plan.kv_tokens > max_ctx:
             raise HeteroError(f"{source}: kv_tokens {plan.kv_tokens} exceeds the model's {max_ctx}-token limit")
+        if expert_cache is not None:
+            plan = replace(plan, expert_cache=expert_cache_slots(expert_cache, groups, args, plan.compute, {}, extents))
+    used = cache_tiers(groups, plan.tiers, plan.compute)  # a cache no expert of this placement would pass through
+    plan = replace(plan, expert_cache={t: n for t, n in plan.expert_cache.items() if t in used and n})
     validate(plan, groups, args, cdtype, dev.has_gpu, source, extents)
     acc = Accountant(plan.budgets)
     model = fam.build(args)
@@ -380,7 +401,9 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype, pack=opened)
     kv = kvstore.kv_cache_factory(attention, plan, groups, args, cdtype, dev, acc, max_tokens, disk_dir,
                                   extents) if paged else None
-    executor = Executor(model, weights, plan, dev, acc, kv_cache=kv)
+    experts = build_manager(path, args, cat, model, weights, groups, extents, profile, dev, prefetch, expert_policy,
+                            notes) if model.moe_blocks() else None
+    executor = Executor(model, weights, plan, dev, acc, kv_cache=kv, experts=experts)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from .tokenizer import Tokenizer

@@ -45,6 +45,18 @@ def _kv_option(ctx, param, value):
     ctx.meta[f"hetero.{param.name}"] = value
 
 
+def _expert_option(ctx, param, value):
+    # reaches _load through the click context, so the commands' signatures stay as they are
+    ctx.meta[f"hetero.{param.name}"] = value
+
+
+def _expert_cache(value):
+    """--expert-cache: a number of slots ("8") or a size ("2GB")."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
 def _planner_option(ctx, param, value):
     # reaches _load through the click context, so the commands' signatures stay as they are
     ctx.meta["hetero.planner"] = value
@@ -72,6 +84,15 @@ def load_options(f):
                      help="retrieval: decode attends to the KV kept on the device and to the top-k keys of the rest."),
         click.option("--kv-budget", expose_value=False, callback=_kv_option,
                      help="KV bytes kept on the compute device, e.g. 64MB; the rest goes to RAM and disk."),
+        # MoE models: the expert caches and prefetch (kept in the click context, read by _load)
+        click.option("--expert-cache", expose_value=False, callback=_expert_option,
+                     help="MoE: size of each expert cache, e.g. 2GB, or a number of slots (default: sized from the "
+                          "budgets when experts do not fit; 0: none)."),
+        click.option("--no-prefetch", is_flag=True, expose_value=False, callback=_expert_option,
+                     help="MoE: load experts on demand only (no routing prediction); outputs are identical."),
+        click.option("--expert-policy", type=click.Choice(["score", "lru"]), default="score", show_default=True,
+                     expose_value=False, callback=_expert_option,
+                     help="MoE: expert-cache replacement (score: decayed frequency x routing weight)."),
         click.option("--quiet", "-q", is_flag=True, help="No logs or placement table, only the answer."),
     ]):
         f = opt(f)
@@ -110,7 +131,10 @@ def _load(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet):
         m = load_offloaded(path, vram=vram, ram=ram, disk_dir=disk_dir, dtype=dtype, device=device, plan=plan_file,
                            context=context, log_fn=say, pack=meta.get("hetero.pack"), progress=update,
                            planner=meta.get("hetero.planner", "cost"), attention=meta.get("hetero.attention", "exact"),
-                           kv_budget=meta.get("hetero.kv_budget"))
+                           kv_budget=meta.get("hetero.kv_budget"),
+                           expert_cache=_expert_cache(meta.get("hetero.expert_cache")),
+                           prefetch=not meta.get("hetero.no_prefetch", False),
+                           expert_policy=meta.get("hetero.expert_policy", "score"))
     if not quiet:
         _print_plan(m)
     return m
@@ -155,6 +179,7 @@ def _stats_json(m, gen: dict) -> dict:
         "kv_tokens": m.plan.kv_tokens, "device": s["device"], "notes": s["notes"],
         "decode_disk_read_gbps": s["decode_disk_read_gbps"], "decode_io_stall_s_per_token": s["decode_io_stall_s_per_token"],
         "decode_io_hidden_fraction": s["decode_io_hidden_fraction"], "io": s["io"],
+        "experts": s.get("experts"),
     }
 
 
@@ -167,7 +192,22 @@ def _io_line(s: dict) -> str:
             f"{f(s['decode_io_stall_s_per_token'], '.4f')} s/token stalled, "
             f"{f(s['decode_io_hidden_fraction'] and 100 * s['decode_io_hidden_fraction'], '.0f')}% of read time hidden; "
             f"prefetch depth {io['prefetch_depth']}, pack {io['pack_dtype'] or '-'}, reader {io['reader'] or '-'}"
-            f"{' (direct I/O)' if io['direct_io'] else ''}")
+            f"{' (direct I/O)' if io['direct_io'] else ''}") + _experts_line(s.get("experts"))
+
+
+def _experts_line(e: dict | None) -> str:
+    """The expert runtime's figures for --stats (MoE models)."""
+    if not e:
+        return ""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+    hits = ", ".join(f"{t} {pct(r)}" for t, r in e["hit_rate_by_bytes"].items()) or "-"
+    moved = lambda k: format_size(int(e[k] or 0))  # noqa: E731
+    return (f"\nexperts: hit rate by bytes {hits}; per token: disk {moved('disk_read_bytes_per_token')}, "
+            f"host->gpu {moved('host_to_device_bytes_per_token')}, stalled "
+            f"{'-' if e['stall_s_per_token'] is None else format(e['stall_s_per_token'], '.4f')} s; "
+            f"prefetch {'on' if e['prefetch'] else 'off'} ({e['predictor'] or 'no predictor'}, lookahead "
+            f"{e['lookahead']}, recall {pct(e['recall'])}); caches {e['cache_slots'] or 'none'}, policy {e['policy']}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -384,8 +424,9 @@ def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_
     out.print(table)
     for tier, u in data["tiers"].items():
         budget = "" if u["budget_bytes"] is None else f" of {format_size(u['budget_bytes'])}"
+        cache = f", expert cache {format_size(u['expert_cache_bytes'])}" if u.get("expert_cache_bytes") else ""
         out.print(f"{tier}: {format_size(u['total_bytes'])}{budget} (weights {format_size(u['weights_bytes'])}, "
-                  f"staging {format_size(u['staging_bytes'])}, KV {format_size(u['kv_bytes'])})", markup=False)
+                  f"staging {format_size(u['staging_bytes'])}{cache}, KV {format_size(u['kv_bytes'])})", markup=False)
     p = data["predicted"]
     out.print(f"predicted on {data['compute_device']}: prefill {p['prefill_tokens_per_s']:.1f} tokens/s "
               f"({p['prompt_tokens']}-token prompt), decode {p['decode_tokens_per_s']:.2f} tokens/s "
@@ -397,6 +438,115 @@ def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_
         out.print(n, markup=False)
     if save:
         out.print(f"plan written to {save}", markup=False)
+
+
+# ---------------------------------------------------------------- routing traces (experts/recording.py, replay.py)
+
+@cli.command(name="trace")
+@click.argument("model")
+@load_options
+@click.option("--text", "text_file", type=click.Path(), required=True, help="Text file to route through the model.")
+@click.option("--out", type=click.Path(), help="Trace file to write (default: routing-trace.safetensors next to the model).")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Route at most this many tokens of the text.")
+@click.option("--keep-x", is_flag=True, help="Also keep every MoE input (float16), for calibrating a predictor.")
+def trace_(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet, text_file, out, max_tokens, keep_x):
+    """Record which experts every token of a text picks in every MoE layer (a routing trace)."""
+    from pathlib import Path
+
+    from .experts.recording import TRACE_FILE, frequency_rows, read_text, record
+
+    text = read_text(text_file)
+    m = _load(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet)
+    bar, update = _progress(quiet, "routing (tokens)")
+    with bar:
+        tr = record(m, text, max_tokens, keep_x=keep_x, progress=update)
+    path = tr.save(Path(out) if out else Path(m.path) / TRACE_FILE)
+    table = Table(title=f"expert use over {tr.num_tokens} tokens (top-{tr.top_k} of {tr.num_experts})",
+                  title_justify="left")
+    for col in ("layer", "most used (expert: share of tokens)", "least used", "busiest / even"):
+        table.add_column(col)
+    for layer, top, low, skew in frequency_rows(tr):
+        table.add_row(str(layer), "  ".join(f"{e}: {s:.0%}" for e, s in top), f"{low:.1%}", f"{skew:.2f}x")
+    Console(highlight=False).print(table)
+    click.echo(f"trace written to {path}")
+
+
+@cli.command(name="calibrate")
+@click.argument("model")
+@load_options
+@click.option("--text", "text_file", type=click.Path(), help="Calibration text (default: the system's licence texts).")
+@click.option("--max-tokens", type=click.IntRange(min=128), default=8192, show_default=True,
+              help="Tokens of the text to record.")
+@click.option("--out", type=click.Path(), help="Predictor file (default: routing-predictor.safetensors next to the model).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def calibrate_(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet, text_file, max_tokens, out, as_json):
+    """Fit MODEL's routing predictor on a text sample and save it next to the model."""
+    from .experts.recording import calibrate_model, read_text, sample_text
+
+    text = read_text(text_file) if text_file else sample_text()
+    if not text.strip():
+        raise HeteroError("no built-in calibration text on this system (/usr/share/common-licenses); pass --text FILE")
+    m = _load(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet or as_json)
+    bar, update = _progress(quiet or as_json, "routing (tokens)")
+    with bar:
+        res = calibrate_model(m, text, max_tokens, out, progress=update)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    depths = sorted(res["recall"])
+    table = Table(title=f"routing recall on {res['eval_tokens']} held-out tokens (calibrated / speculative gating)",
+                  title_justify="left")
+    table.add_column("layer")
+    for d in depths:
+        table.add_column(f"{d} ahead")
+    for layer in sorted({l for d in depths for l in res["recall"][d]}):
+        table.add_row(str(layer), *(f"{res['recall'][d][layer]:.1%} / {res['speculative'][d][layer]:.1%}"
+                                    if layer in res["recall"][d] else "-" for d in depths))
+    table.add_row("average", *(f"{res['average'][d]:.1%} / {res['speculative_average'][d]:.1%}"
+                               if res["average"][d] is not None else "-" for d in depths))
+    Console(highlight=False).print(table)
+    click.echo(f"predictor written to {res['path']} ({res['tokens']} tokens; recorded in {res['record_s']:.1f} s, "
+               f"fitted in {res['fit_s']:.1f} s)")
+
+
+@cli.command(name="replay")
+@click.argument("trace_file", metavar="TRACE")
+@click.option("--resident", default="30%", show_default=True, help="Share of all experts the cache holds.")
+@click.option("--policies", default="score,lru,static,belady", show_default=True, help="Comma-separated policies.")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="One cache over all layers, or one per MoE layer.")
+@click.option("--frequencies", "freq_file", type=click.Path(),
+              help="Trace whose expert frequencies the static policy keeps (default: the replayed trace's own).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def replay_(trace_file, resident, policies, scope, freq_file, as_json):
+    """Replay a routing trace through simulated expert caches: hit rate by bytes per policy, Belady's optimum included."""
+    from .experts.replay import POLICIES, compare, parse_share
+    from .experts.trace import RoutingTrace
+
+    share = parse_share(resident)
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names or any(p not in POLICIES for p in names):
+        raise HeteroError(f"--policies {policies!r}: choose from {', '.join(POLICIES)}")
+    tr = RoutingTrace.load(trace_file)
+    freq = None
+    if freq_file:
+        ft = RoutingTrace.load(freq_file)
+        if (ft.layers, ft.num_experts) != (tr.layers, tr.num_experts):
+            raise HeteroError(f"--frequencies {freq_file}: recorded on another model (layers or expert count differ)")
+        freq = ft.frequencies()
+    results = compare(tr, names, share, scope, freq)
+    if as_json:
+        click.echo(json.dumps({"trace": str(trace_file), "resident": share, "scope": scope,
+                               "results": [r.as_dict() for r in results]}))
+        return
+    table = Table(title=f"{trace_file}: {tr.num_tokens} tokens, {share:.0%} of experts resident ({scope} cache, "
+                        f"{results[0].slots} slots)", title_justify="left")
+    for col in ("policy", "hit rate (bytes)", "misses / token", "miss bytes / token"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.policy, f"{r.hit_rate_bytes:.1%}", f"{(r.accesses - r.hits) / max(r.tokens, 1):.2f}",
+                      format_size(int(r.miss_bytes_per_token)))
+    Console(highlight=False).print(table)
 
 
 def main(argv=None):

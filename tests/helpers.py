@@ -5,6 +5,7 @@ Nothing here downloads anything: every model is built from a config with random 
 
 import itertools
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -137,3 +138,20 @@ def over_budget(model) -> list[str]:
         if s["budget_bytes"] is not None and s["peak_bytes"] > s["budget_bytes"]:
             over.append(f"{tier}: peak {s['peak_bytes']} > budget {s['budget_bytes']}")
     return over
+
+
+def generate_in_thread(model, timeout: float = 120) -> dict:
+    """Run a short generate on a daemon thread: {"hung": still running after `timeout`, "error": what it raised}."""
+    result = {}
+
+    def run():
+        try:
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)
+        except BaseException as e:  # noqa: BLE001 — the test inspects whatever surfaced
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=timeout)
+    result["hung"] = t.is_alive()
+    return result

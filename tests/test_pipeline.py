@@ -1,7 +1,6 @@
 """The prefetch pipeline: its schedule, bounded staging, what it reads, and I/O errors surfacing cleanly."""
 
 import dataclasses
-import threading
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from hetero.flash import pack as packs
 from hetero.flash.reader import PythonReader
 from hetero.placement.plan import Plan, tier_usage
 
-from helpers import model_groups, over_budget, spread_plan, tiny_checkpoint
+from helpers import generate_in_thread, model_groups, over_budget, spread_plan, tiny_checkpoint
 
 
 def _with_depth(ckpt, plan: Plan, depth: int, fmt: str = "float32") -> Plan:
@@ -129,18 +128,8 @@ def test_an_io_error_surfaces_from_generate_without_hang_or_leak(tmp_path):
     store = m.executor.store
     good = store.reader
     store.reader = FailingReader(store.pack.extents["layers.2.mlp"]["offset"])
-    result = {}
-
-    def run():
-        try:
-            m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)
-        except BaseException as e:  # noqa: BLE001
-            result["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout=120)
-    assert not t.is_alive(), "generate hung after an I/O error"
+    result = generate_in_thread(m)
+    assert not result["hung"], "generate hung after an I/O error"
     assert isinstance(result.get("error"), HeteroError)
     assert "layers.2.mlp" in str(result["error"]) and "Input/output error" in str(result["error"])
     assert store.pipe.staged == {} and m.accountant.snapshot()["cpu"]["staging_bytes"] == 0

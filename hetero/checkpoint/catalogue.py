@@ -22,6 +22,8 @@ DTYPES = {
 }
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+# files hetero writes next to a model (experts/predictor.py, experts/recording.py): not weights
+SIDE_FILES = ("routing-predictor.safetensors", "routing-trace.safetensors")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         if missing:
             raise HeteroError(f"{model_dir}: shards listed in the index are missing: {', '.join(missing[:3])}")
         return files
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.name not in SIDE_FILES)
     if files:
         return files
     pickled = [p.name for p in model_dir.iterdir() if p.suffix in PICKLED_SUFFIXES]

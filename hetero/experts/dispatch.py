@@ -11,20 +11,35 @@ from ..models.common import expert_ffn
 class ExpertDispatch:
     """The `experts` object injected into a SparseMoE block.
 
-    Each expert that any token picked is brought to the compute device once (if it is not there
-    already), applied to all of its tokens, and released before the next one, so at most one
-    off-device expert is held at a time.
+    After the router has chosen, the layer's experts are served by the executor's ExpertManager
+    (experts/manager.py): resident, cached, prefetched, or brought in now; an expert the cost model
+    leaves on the CPU (computing on the gpu) gets its tokens' hidden states there and gives its
+    result back. Each expert is applied to all of its tokens at once, in ascending expert order,
+    whatever was cached or predicted — so outputs never depend on prefetching.
     """
 
-    def __init__(self, store, layer_idx: int):
+    def __init__(self, store, layer_idx: int, observers: list | None = None, manager=None):
         self.store, self.layer = store, layer_idx
+        # callables observer(layer, x [N, C], idx [N, k], w [N, k]) told of every routing decision
+        # (routing traces, prediction recall); shared by all layers of one executor
+        self.observers = observers if observers is not None else []
+        self.manager = manager
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, C], idx [N, k] expert ids, w [N, k] float32 routing weights -> [N, C]."""
+        for observe in self.observers:
+            observe(self.layer, x, idx, w)
+        m = self.manager
+        used = m.begin_layer(self.layer, idx, w)
+        where = {e: torch.where(idx == e) for e in used}  # e -> (token [n], slot [n])
+        m.prepare(self.layer, x, {e: len(where[e][0]) for e in used})
         out = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():
-            token, slot = torch.where(idx == e)
-            with self.store.expert(self.layer, e) as (gate, up, down):
-                y = expert_ffn(x[token], gate, up, down) * w[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
+        for e in used:
+            token, slot = where[e]
+            with m.serve(self.layer, e, len(token)) as (tier, (gate, up, down)):
+                xs, ws = x[token], w[token, slot, None]
+                if tier != m.compute:  # computed where its weights are: the CPU
+                    xs, ws = xs.cpu(), ws.cpu()
+                y = expert_ffn(xs, gate, up, down) * ws
+            out.index_add_(0, token, y.to(device=out.device, dtype=out.dtype))
         return out

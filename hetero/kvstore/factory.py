@@ -30,7 +30,8 @@ def kv_budgets(plan, groups, args, dtype, extents=None) -> dict:
     out = {plan.compute: use[plan.compute]["kv"]}
     if plan.compute == "gpu":
         budget = plan.budgets.get("cpu")
-        out["cpu"] = (1 << 62) if budget is None else max(0, budget - use["cpu"]["weights"] - use["cpu"]["staging"])
+        out["cpu"] = (1 << 62) if budget is None else max(0, budget - use["cpu"]["weights"] - use["cpu"]["staging"]
+                                                              - use["cpu"]["expert_cache"])
     return out
 
 

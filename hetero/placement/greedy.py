@@ -6,7 +6,7 @@ This is the simple baseline the cost-model planner is measured against; it is a 
 from ..errors import HeteroError
 from ..sizes import format_size
 from .groups import Group, kv_bytes_per_token
-from .plan import Plan, staging_bytes
+from .plan import MAX_LOOKAHEAD, Plan, expert_slot_bytes, predictor_bytes, staging_bytes
 
 MIN_CONTEXT = 256  # below this a chat is not useful; say so instead of planning it
 # Prefetch depth without a cost model: enough layers in flight to keep this many bytes of reads
@@ -16,6 +16,12 @@ MIN_CONTEXT = 256  # below this a chat is not useful; say so instead of planning
 READAHEAD_BYTES = 64 * 2**20
 MAX_DEPTH = 4
 DEPTH_BUDGET_SHARE = 0.125
+# Expert caches by default, when an MoE model does not fit on a tier: slots for the experts of the
+# layer computing and of MAX_LOOKAHEAD layers predicted ahead (top_k each), plus this share of the
+# tier's free budget, and never more than EXPERT_CACHE_MAX_SHARE of it — a byte of cache serves
+# whichever experts the routing wants now, a byte of resident expert only the one placed there.
+EXPERT_CACHE_SHARE = 0.1
+EXPERT_CACHE_MAX_SHARE = 0.5
 
 
 def size_depth(groups: list[Group]) -> int:
@@ -41,9 +47,65 @@ def minimum_bytes(groups: list[Group], args, dtype, compute: str, kv_tokens: int
     return need
 
 
+def cache_tiers(groups: list[Group], tiers: dict, compute: str) -> set[str]:
+    """The tiers whose expert cache a placement uses: gpu when experts live off the gpu (computing
+    there), cpu when experts live on disk."""
+    homes = {tiers[g.name] for g in groups if g.kind == "expert"}
+    out = {"cpu"} if "disk" in homes else set()
+    if compute == "gpu" and homes - {"gpu"}:
+        out.add("gpu")
+    return out
+
+
+def default_expert_cache(groups: list[Group], args, compute: str, free: dict, extents: dict | None = None) -> dict:
+    """Expert-cache slots per tier for an MoE model that does not fit on a tier, taken from `free` (bytes
+    left per tier before any home is placed; None: unlimited)."""
+    experts = [g for g in groups if g.kind == "expert"]
+    if not experts:
+        return {}
+    total = sum(g.nbytes for g in groups if g.kind != "norms")
+    slot = expert_slot_bytes(groups, extents)
+    base = (args.num_experts_per_tok or 1) * (1 + MAX_LOOKAHEAD)
+    out = {}
+    gpu_free = free.get("gpu") if compute == "gpu" else 0
+    spills = {"gpu": compute == "gpu" and gpu_free is not None and gpu_free < total,
+              "cpu": free.get("cpu") is not None and gpu_free is not None and free["cpu"] + gpu_free < total}
+    for t in ("gpu", "cpu"):
+        if not spills[t]:
+            continue
+        room = free[t] - (predictor_bytes(groups, args) if t == "cpu" else 0)
+        n = min(len(experts), base + int(EXPERT_CACHE_SHARE * room / slot[t]), int(EXPERT_CACHE_MAX_SHARE * room / slot[t]))
+        if n > 0:
+            out[t] = n
+    return out
+
+
+def expert_cache_slots(spec, groups: list[Group], args, compute: str, free: dict, extents: dict | None = None) -> dict:
+    """Slots per tier from what the user asked for.
+
+    Args:
+        spec: None (default_expert_cache), a number of slots for each tier's cache, a size in bytes
+            per tier's cache (a str such as "512MB", parsed by sizes.parse_size), or a dict tier -> slots.
+    """
+    if spec is None:
+        return default_expert_cache(groups, args, compute, free, extents)
+    if isinstance(spec, dict):
+        return {t: int(n) for t, n in spec.items() if n}
+    if not any(g.kind == "expert" for g in groups):
+        return {}
+    tiers = ("gpu", "cpu") if compute == "gpu" else ("cpu",)
+    if isinstance(spec, str):
+        from ..sizes import parse_size
+
+        nbytes = parse_size(spec, "expert_cache")
+        slot = expert_slot_bytes(groups, extents)
+        return {t: nbytes // slot[t] for t in tiers if nbytes // slot[t]}
+    return {t: int(spec) for t in tiers if int(spec)}
+
+
 def greedy_plan(
     groups: list[Group], args, dtype, budgets: dict, compute: str, context: int, fixed_context: bool = False,
-    depth: int | None = None, extents: dict | None = None,
+    depth: int | None = None, extents: dict | None = None, expert_cache=None,
 ) -> Plan:
     """Place groups greedily within the budgets.
 
@@ -55,6 +117,8 @@ def greedy_plan(
         fixed_context: if False, the context may shrink (to MIN_CONTEXT at least) to fit the budget.
         depth: prefetch depth; default size_depth(groups), lowered to fit the budget.
         extents: the pack's extent sizes (plan.staging_bytes); default a pack in the compute dtype.
+        expert_cache: expert-cache slots (see expert_cache_slots): taken from the budgets before any
+            home is placed, and dropped afterwards from a tier whose cache the placement does not use.
     Returns:
         A Plan that fits the budgets.
     Raises:
@@ -84,6 +148,19 @@ def greedy_plan(
         depth -= 1
     need = minimum_bytes(groups, args, dtype, compute, ctx, depth, extents)
     free = {t: (None if budgets[t] is None else budgets[t] - need.get(t, 0)) for t in budgets}
+    cache = expert_cache_slots(expert_cache, groups, args, compute, free, extents)
+    if any(cache.values()):
+        slot = expert_slot_bytes(groups, extents)
+        for t, n in cache.items():
+            if free[t] is not None:
+                free[t] -= n * slot[t]
+        if free["cpu"] is not None:
+            free["cpu"] -= predictor_bytes(groups, args)  # the routing predictor's host copy
+        short = [t for t in cache if free[t] is not None and free[t] < 0]
+        if short:
+            t = short[0]
+            raise HeteroError(f"an expert cache of {cache[t]} slots ({format_size(cache[t] * slot[t])}) does not fit "
+                              f"in the {t} budget beside the minimum working set; ask for a smaller one")
     order = ["gpu", "cpu"] if compute == "gpu" else ["cpu"]
     # an untied embedding is only gathered row by row, so it is the cheapest thing to leave on disk
     tied = args.tie_word_embeddings
@@ -100,5 +177,6 @@ def greedy_plan(
         else:
             tiers[g.name] = "disk"
     tiers = {g.name: tiers[g.name] for g in groups}
+    used = cache_tiers(groups, tiers, compute)
     return Plan(tiers=tiers, compute=compute, budgets={k: v for k, v in budgets.items() if k != "disk"}, kv_tokens=ctx,
-                depth=depth)
+                depth=depth, expert_cache={t: n for t, n in cache.items() if t in used})

@@ -14,6 +14,7 @@ TIERS = ("gpu", "cpu", "disk")
 # resident on the compute tier, so streaming it never needs a buffer the size of the whole matrix
 LM_HEAD_CHUNK_BYTES = 16 * 2**20
 EXTENT_ALIGN = 4096  # pack extents start and end on this boundary (flash/pack.py ALIGN), for O_DIRECT
+MAX_LOOKAHEAD = 3  # MoE layers whose experts are predicted and prefetched ahead, at most (experts/decide.py)
 HEAD_READ_SLACK = 4 * EXTENT_ALIGN  # a direct read of lm_head rows is widened to alignment (flash/pack.py READ_SLACK)
 
 
@@ -27,6 +28,9 @@ class Plan:
         budgets: tier -> bytes (None: no limit given).
         kv_tokens: tokens of KV cache reserved on the compute tier.
         depth: prefetch depth — while layer j computes, reads for layers j+1..j+depth are in flight.
+        expert_cache: tier -> slots of the expert cache on that tier ("gpu": experts brought to the
+            gpu, "cpu": disk-homed experts read into RAM), each slot the size of the largest expert
+            (expert_slot_bytes); empty for none.
     """
 
     tiers: dict = field(hash=False)
@@ -34,6 +38,7 @@ class Plan:
     budgets: dict = field(hash=False)
     kv_tokens: int
     depth: int = 1
+    expert_cache: dict = field(default_factory=dict, hash=False)
 
     def tier(self, group: str) -> str:
         return self.tiers[group]
@@ -41,7 +46,7 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(
             {"compute": self.compute, "kv_tokens": self.kv_tokens, "depth": self.depth, "budgets": self.budgets,
-             "tiers": self.tiers},
+             "expert_cache": self.expert_cache, "tiers": self.tiers},
             indent=1,
         )
 
@@ -50,13 +55,17 @@ class Plan:
         try:
             d = json.loads(text)
             plan = cls(tiers=dict(d["tiers"]), compute=d["compute"], budgets=dict(d["budgets"]), kv_tokens=int(d["kv_tokens"]),
-                       depth=int(d.get("depth", 1)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                       depth=int(d.get("depth", 1)),
+                       expert_cache={str(t): int(n) for t, n in (d.get("expert_cache") or {}).items()})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise HeteroError(f"{source}: not a hetero plan ({e.__class__.__name__}: {e})") from None
         if plan.compute not in ("gpu", "cpu"):
             raise HeteroError(f"{source}: compute must be 'gpu' or 'cpu', not {plan.compute!r}")
         if plan.depth < 1:
             raise HeteroError(f"{source}: depth must be at least 1, not {plan.depth}")
+        for t, n in plan.expert_cache.items():
+            if t not in ("gpu", "cpu") or n < 0:
+                raise HeteroError(f"{source}: expert_cache must map gpu/cpu to a number of slots >= 0, not {t!r}: {n}")
         return plan
 
     def save(self, path: Path):
@@ -175,17 +184,58 @@ def _staging(groups: list[Group], tiers: dict, compute: str, depth: int, extents
     return {"gpu": gpu, "cpu": cpu}, ahead(cpu, head_host)
 
 
+def expert_slot_bytes(groups: list[Group], extents: dict | None = None) -> dict[str, int]:
+    """Bytes of one expert-cache slot per tier: the largest expert ready for compute there.
+
+    A gpu slot holds an expert's tensors in the compute dtype (or, when the pack stores them in that
+    dtype, the device copy of its extent's data they are views of). A cpu slot holds a disk-homed
+    expert's read buffer (its extent) plus, when the pack's tensors are not views in the compute
+    dtype, their decoded copies.
+
+    Args:
+        extents: as for staging_bytes; default a pack in the compute dtype.
+    """
+    # one pass, few calls: the planners ask for every candidate placement, of up to ~10^4 experts
+    biggest = max((g.nbytes for g in groups if g.kind == "expert"), default=0)
+    gpu, cpu = biggest, _round_up(max(biggest, 1)) if biggest else 0  # a pack in the compute dtype
+    for g in groups if extents else ():
+        x = extents.get(g.name) if g.kind == "expert" else None
+        if x is None:
+            continue
+        e, r, view = x
+        n = g.nbytes if not view or g.nbytes >= r else r
+        c = e if view else e + g.nbytes
+        if n > gpu:
+            gpu = n
+        if c > cpu:
+            cpu = c
+    return {"gpu": gpu, "cpu": cpu}
+
+
+def predictor_bytes(groups: list[Group], args) -> int:
+    """Host bytes set aside for the routing predictor beside the expert caches (experts/predictor.py): a
+    float32 copy of every MoE router plus room for a calibrated map (weight and bias) of the same
+    size per lookahead layer (at most MAX_LOOKAHEAD)."""
+    moe_layers = {g.layer for g in groups if g.kind == "expert"}
+    return (1 + MAX_LOOKAHEAD) * len(moe_layers) * (args.num_experts or 0) * (args.hidden_size + 1) * 4
+
+
 def tier_usage(groups: list[Group], plan: Plan, args, dtype, extents: dict | None = None) -> dict[str, dict[str, int]]:
-    """Bytes per tier the plan commits: resident weights, staging buffers and the KV cache.
+    """Bytes per tier the plan commits: resident weights, staging buffers, expert caches and the KV cache.
 
     Args:
         extents: the pack layout's extent sizes (see staging_bytes); default: a pack in the compute dtype.
     """
-    use = {t: {"weights": 0, "staging": 0, "kv": 0} for t in TIERS}
+    use = {t: {"weights": 0, "staging": 0, "expert_cache": 0, "kv": 0} for t in TIERS}
     for g in groups:
         use[plan.tiers[g.name]]["weights"] += g.nbytes
     for t, n in staging_bytes(groups, plan.tiers, plan.compute, plan.depth, extents).items():
         use[t]["staging"] += n
+    if any(plan.expert_cache.values()):
+        slot = expert_slot_bytes(groups, extents)
+        for t, n in plan.expert_cache.items():
+            use[t]["expert_cache"] += n * slot[t]
+        use["cpu"]["expert_cache"] += predictor_bytes(groups, args)
     use[plan.compute]["kv"] = plan.kv_tokens * kv_bytes_per_token(args, dtype)
     return use
 
@@ -206,13 +256,16 @@ def validate(plan: Plan, groups: list[Group], args, dtype, has_gpu: bool, source
         raise HeteroError(f"{source}: computes on the gpu, but there is no accelerator here; re-plan with --vram unset")
     if plan.compute == "cpu" and "gpu" in plan.tiers.values():
         raise HeteroError(f"{source}: places groups on the gpu tier but computes on the cpu")
+    if plan.compute == "cpu" and plan.expert_cache.get("gpu"):
+        raise HeteroError(f"{source}: has a gpu expert cache but computes on the cpu")
     for tier, use in tier_usage(groups, plan, args, dtype, extents).items():
         budget = plan.budgets.get(tier)
         total = sum(use.values())
         if budget is not None and total > budget:
             raise HeteroError(
                 f"{source}: the {tier} tier needs {format_size(total)} (weights {format_size(use['weights'])}, "
-                f"staging {format_size(use['staging'])}, KV {format_size(use['kv'])}) but its budget is {format_size(budget)}"
+                f"staging {format_size(use['staging'])}, expert cache {format_size(use['expert_cache'])}, "
+                f"KV {format_size(use['kv'])}) but its budget is {format_size(budget)}"
             )
 
 
@@ -231,4 +284,8 @@ def plan_table(plan: Plan, groups: list[Group]) -> list[tuple[str, str, str]]:
         if experts:
             parts.append("experts:" + "/".join(f"{experts.count(t)} {t}" for t in TIERS if experts.count(t)))
         rows.append((f"layer {layer}", " ".join(parts), format_size(sum(g.nbytes for g in gs))))
+    if any(plan.expert_cache.values()):  # slots of the largest expert in the compute dtype
+        biggest = max(g.nbytes for g in groups if g.kind == "expert")
+        tail = [("expert caches", ", ".join(f"{t} {n} slots" for t, n in plan.expert_cache.items() if n),
+                 format_size(sum(plan.expert_cache.values()) * biggest))] + tail
     return head + rows + tail

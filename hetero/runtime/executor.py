@@ -4,7 +4,9 @@
                  issue reads for j..j+depth      (disk -> host staging, on the reader's threads;
                                                   layers with nothing to read are skipped over)
                  copy j+1 to the device          (computing on the gpu)
-                 take j, compute j, release j    (j's reads waited for only if they are late)
+                 take j, compute j, release j    (j's reads waited for only if they are late; an MoE
+                                                  layer's experts come from experts/manager.py, which
+                                                  prefetches the predicted experts of j+1..j+L)
           -> issue the next token's first reads -> final norm -> lm_head (streamed in slices
              when off-device)
 
@@ -16,7 +18,10 @@ import time
 import torch
 
 from ..experts.dispatch import ExpertDispatch
+from ..experts.manager import ExpertManager
+from ..flash.pack import staging_extents
 from ..kvstore.cache import KVCache
+from ..placement.plan import expert_slot_bytes
 
 
 class Executor:
@@ -28,14 +33,21 @@ class Executor:
         accountant: runtime.memory.Accountant.
         kv_cache: a callable making a fresh KV cache per sequence (kvstore paged / retrieval); default
             the contiguous KVCache of plan.kv_tokens.
+        experts: the experts.manager.ExpertManager serving MoE layers (caches, prefetch, miss decisions);
+            default one with the plan's expert caches, LRU, no prediction.
     """
 
-    def __init__(self, model, store, plan, device, accountant, kv_cache=None):
+    def __init__(self, model, store, plan, device, accountant, kv_cache=None, experts=None):
         self.model, self.store, self.plan = model, store, plan
         self.kv_cache = kv_cache
         self.device, self.acc = device, accountant
+        self.routing_observers = []  # see ExpertDispatch.observers
+        if experts is None and model.moe_blocks():
+            extents = staging_extents(store.pack.extents, store.dtype) if store.pack else None
+            experts = ExpertManager(store, expert_slot_bytes(list(store.groups.values()), extents), "lru", prefetch=False)
+        self.experts = experts
         for block in model.moe_blocks():
-            block.experts = ExpertDispatch(store, block.layer_idx)
+            block.experts = ExpertDispatch(store, block.layer_idx, self.routing_observers, experts)
         self.timing = {f"{phase}_{what}": 0 for phase in ("prefill", "decode")
                        for what in ("s", "tokens", *store.io)}
 
@@ -67,7 +79,7 @@ class Executor:
                 pipe.issue(j)  # reads for the next depth + 1 reading layers, into bounded host buffers
                 pipe.copy(j + 1)  # j+1 onto the device (gpu compute only)
                 bound = self.store.bind(pipe.take(j))  # j's weights; waits only if its reads are late
-                h = layer(h, cos, sin, cache[j])
+                h = layer(h, cos, sin, cache[j])  # an MoE layer's experts: experts.serve, prefetching j+1..j+L
                 self.store.unbind(bound)
                 pipe.release(j)  # compute is synchronous (or stream-ordered on cuda): j's buffers are free
             pipe.issue_next()  # the next token's first reads run while lm_head streams
@@ -75,8 +87,12 @@ class Executor:
             if last_only:
                 h = h[:, -1:]
             logits = self.store.logits(h)
+            if self.experts is not None:
+                self.experts.end_step(B * T)  # one token step: cache scores decay
         except BaseException:
             pipe.abort()  # wait for reads in flight, then free every staging buffer
+            if self.experts is not None:
+                self.experts.abort()  # the same for expert reads filling cache slots
             raise
         self.device.synchronize()
         phase = "decode" if T == 1 and cache.length > 1 else "prefill"

@@ -10,8 +10,11 @@ The executor drives it, one call per step of its schedule:
     take(j)               j's tensors on the compute device (waiting for its reads if late)
     release(j)            give j's buffers back
 
+The expert manager (experts/manager.py) reads disk-homed experts through the same reader with
+read_expert / land_host / drop, into buffers its cache slots have reserved already.
+
 Every buffer is reserved with the accountant before it exists, in exactly the amounts that
-placement.plan.staging_bytes counts. Groups resident on the compute tier are never touched here.
+placement.plan.staging_bytes counts (expert-cache slots: placement.plan.expert_slot_bytes). Groups resident on the compute tier are never touched here.
 """
 
 import time
@@ -37,6 +40,7 @@ class Staged:
     held: list = field(default_factory=list)  # (tier, nbytes) reserved for `tensors`
     landed: bool = False
     ready: bool = False
+    reserved: bool = True  # its read buffers are reserved as "staging" (False: an expert-cache slot holds them)
 
 
 class Prefetcher:
@@ -105,7 +109,8 @@ class Prefetcher:
                 pass
         s.reads.clear()
         for g, buf in s.raw.items():
-            self.acc.release("cpu", buf.numel(), "staging")
+            if s.reserved:
+                self.acc.release("cpu", buf.numel(), "staging")
         for tier, n in s.held:
             self.acc.release(tier, n, "staging")
         s.raw.clear(), s.held.clear(), s.tensors.clear()
@@ -116,6 +121,39 @@ class Prefetcher:
         self._prepare(s)
         return s.tensors
 
+    def read_expert(self, group: str) -> Staged:
+        """Queue the reads of one disk-homed expert into a host buffer that an expert-cache slot pays for
+        (not reserved here); land_host() makes its tensors, drop() gives it up."""
+        return self._read([group], reserve=False)
+
+    def land_host(self, s: Staged) -> dict:
+        """Wait for an expert's reads (checking checksums the first time) and decode it on the host, in the
+        compute dtype: views of the read buffer when the pack stores that dtype, else converted copies."""
+        self._land(s)
+        (g,) = s.groups
+        data = s.raw[g][:self.pack.extents[g]["data_bytes"]]
+        out = self.pack.decode(g, data, self.dtype)
+        if not self.pack.is_view(g, self.dtype):
+            s.raw.clear()  # converted copies: the read buffer can go
+        return out
+
+    def landed(self, s: Staged) -> bool:
+        """True when every read of `s` has finished (they are not waited for)."""
+        return all(reader.poll(h) for reader, h, *_ in s.reads)
+
+    def drop(self, s: Staged):
+        """Give up a Staged that is not in self.staged (an expert-cache entry), waiting for its reads."""
+        for reader, handle, *_ in s.reads:
+            try:
+                reader.wait(handle)
+            except OSError:
+                pass
+        s.reads.clear()
+        if s.reserved:
+            for buf in s.raw.values():
+                self.acc.release("cpu", buf.numel(), "staging")
+        s.raw.clear()
+
     def abort(self):
         """After an error: wait for every read in flight and release every buffer (no leak, no stray writes)."""
         for key in list(self.staged):
@@ -123,14 +161,15 @@ class Prefetcher:
 
     # ------------------------------------------------------------ reading and decoding
 
-    def _read(self, groups: list[str]) -> Staged:
-        s = Staged(groups)
+    def _read(self, groups: list[str], reserve: bool = True) -> Staged:
+        s = Staged(groups, reserved=reserve)
         for g in groups:
             if self.plan.tiers[g] != "disk":
                 continue
             blocks = self.pack.blocks(g)
             n = sum(b[1] for b in blocks)
-            self.acc.reserve("cpu", n, "staging")
+            if reserve:
+                self.acc.reserve("cpu", n, "staging")
             buf = s.raw[g] = aligned_empty(n, pin=self.pin)
             check = g not in self.pack.verified
             pos = 0

@@ -208,6 +208,23 @@ class WeightStore:
     def unbind(self, names):
         self._unbind(names)
 
+    def expert_keys(self) -> list[tuple[int, int]]:
+        """(layer, expert) of every expert, in execution order."""
+        return list(self._experts)
+
+    @staticmethod
+    def expert_group(layer: int, e: int) -> str:
+        return f"layers.{layer}.experts.{e}"
+
+    def expert_names(self, layer: int, e: int) -> tuple:
+        """Tensor names of one expert: (gate, up, down)."""
+        return self._experts[(layer, e)]
+
+    def expert_tensors(self, layer: int, e: int) -> tuple:
+        """(gate, up, down) of an expert resident on the gpu or cpu tier, where it lives."""
+        g = self.resident[self.expert_group(layer, e)]
+        return tuple(g[n] for n in self._experts[(layer, e)])
+
     @contextmanager
     def expert(self, layer: int, e: int):
         """(gate [I, C], up [I, C], down [C, I]) of one expert on the compute device."""

@@ -1,0 +1,183 @@
+"""Replaying a routing trace through simulated expert caches, to compare replacement policies.
+
+The trace's tokens run in order, one at a time (decode-style), through the MoE layers in order;
+at each (token, layer) the token's k experts are needed at once and so are protected from eviction
+while the others are looked up. A miss brings the expert in (evicting the policy's victim when the
+cache is full). Hit rate is by bytes: the share of the needed expert bytes already resident.
+
+    score, lru, static   the runtime's policies (experts/policy.py)
+    belady               Belady's optimum: evict the resident expert whose next use is farthest
+                         away (it needs the future, so it lives here, not in the runtime)
+
+Caches are "global" (one cache over all layers' experts, like the runtime's per-tier caches) or
+"layer" (one per MoE layer, each with the same share of its layer's experts).
+"""
+
+import heapq
+from dataclasses import dataclass
+
+from ..errors import HeteroError
+from .policy import make_policy
+
+POLICIES = ("score", "lru", "static", "belady")
+NEVER = float("inf")
+
+
+@dataclass
+class ReplayResult:
+    policy: str
+    scope: str
+    slots: int  # cache slots in all (global) or summed over layers
+    accesses: int
+    hits: int
+    hit_bytes: int
+    total_bytes: int
+    tokens: int
+
+    @property
+    def hit_rate_bytes(self) -> float:
+        return self.hit_bytes / self.total_bytes if self.total_bytes else 0.0
+
+    @property
+    def miss_bytes_per_token(self) -> float:
+        return (self.total_bytes - self.hit_bytes) / self.tokens if self.tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "scope": self.scope, "slots": self.slots, "accesses": self.accesses,
+                "hits": self.hits, "hit_rate": self.hits / self.accesses if self.accesses else 0.0,
+                "hit_rate_bytes": self.hit_rate_bytes, "miss_bytes_per_token": self.miss_bytes_per_token,
+                "tokens": self.tokens}
+
+
+def parse_share(text) -> float:
+    """'30%' or '0.3' -> 0.3; HeteroError unless 0 < share <= 1."""
+    s = str(text).strip()
+    try:
+        v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise HeteroError(f"--resident {text!r}: give a share of the experts, e.g. 30% or 0.3") from None
+    if not 0 < v <= 1:
+        raise HeteroError(f"--resident {text!r}: must be more than 0% and at most 100%")
+    return v
+
+
+def _steps(trace):
+    """[(layer, [(expert, weight), ...])] in execution order: token-major, then layer."""
+    idx = {l: trace.idx[l].tolist() for l in trace.layers}
+    w = {l: trace.w[l].tolist() for l in trace.layers}
+    for t in range(trace.num_tokens):
+        for l in trace.layers:
+            yield t, l, list(zip(idx[l][t], w[l][t]))
+
+
+def _expert_bytes(trace, expert_bytes) -> dict:
+    eb = expert_bytes if expert_bytes is not None else trace.meta.get("expert_bytes", 1)
+    if isinstance(eb, dict):
+        return {int(l): int(v) for l, v in eb.items()}
+    return {l: int(eb) for l in trace.layers}
+
+
+def _next_uses(trace) -> list:
+    """For every access in _steps order, the step number at which its expert is needed next (or NEVER)."""
+    order = [(s, (l, e)) for s, (_, l, used) in enumerate(_steps(trace)) for e, _ in used]
+    out, seen = [NEVER] * len(order), {}
+    for i in range(len(order) - 1, -1, -1):
+        s, key = order[i]
+        out[i] = seen.get(key, NEVER)
+        seen[key] = s
+    return out
+
+
+class _Belady:
+    """Farthest next use first, with a lazy max-heap per cache (stale entries skipped on pop)."""
+
+    def __init__(self):
+        self.next, self.heaps = {}, {}
+
+    def touch(self, cache, key, next_use):
+        self.next[key] = next_use
+        heapq.heappush(self.heaps.setdefault(cache, []), (-next_use, key))
+
+    def victim(self, cache, resident: set, protected: set):
+        heap, held, out = self.heaps.get(cache, []), [], None
+        while heap:
+            neg, key = heapq.heappop(heap)
+            if key not in resident or self.next.get(key) != -neg:
+                continue  # stale: evicted already, or touched again since
+            if key in protected:
+                held.append((neg, key))
+                continue
+            out = key
+            break
+        for item in held:
+            heapq.heappush(heap, item)
+        return out
+
+
+def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", frequencies=None,
+           expert_bytes=None) -> ReplayResult:
+    """Run a trace's accesses through a simulated expert cache.
+
+    Args:
+        trace: a RoutingTrace.
+        policy: "score", "lru", "static" or "belady".
+        resident: the share of all experts (by bytes; experts of a layer share one size) the cache holds.
+        scope: "global" (one cache) or "layer" (one per MoE layer).
+        frequencies: [L, E] activation frequencies for "static" (and the "score" tie-break); default
+            the trace's own (an optimistic static baseline: it knows this text's frequencies).
+        expert_bytes: bytes of one expert (int or {layer: int}); default trace.meta["expert_bytes"] or 1.
+    Returns:
+        A ReplayResult.
+    """
+    if policy not in POLICIES:
+        raise HeteroError(f"replay policy {policy!r}: choose from {', '.join(POLICIES)}")
+    if scope not in ("global", "layer"):
+        raise HeteroError(f"replay scope {scope!r}: choose global or layer")
+    E, layers = trace.num_experts, trace.layers
+    nbytes = _expert_bytes(trace, expert_bytes)
+    if scope == "global":
+        total = sum(nbytes[l] * E for l in layers)
+        caps = {None: max(int(resident * total // max(nbytes.values())), 1)}
+    else:
+        caps = {l: max(int(round(resident * E)), 1) for l in layers}
+    if frequencies is None:
+        frequencies = trace.frequencies()
+    pol = None if policy == "belady" else make_policy(policy, frequencies, layers)
+    bel = _Belady() if policy == "belady" else None
+    nexts = _next_uses(trace) if bel else None
+    res = {c: set() for c in caps}
+    hits = hit_b = tot_b = acc = 0
+    last_t = 0
+    for t, l, used in _steps(trace):
+        if t != last_t:
+            if pol:
+                pol.tick()
+            last_t = t
+        cache = None if scope == "global" else l
+        held, cap = res[cache], caps[cache]
+        protected = {(l, e) for e, _ in used}
+        for e, w in used:
+            key, b = (l, e), nbytes[l]
+            tot_b += b
+            if key in held:
+                hits += 1
+                hit_b += b
+            else:
+                if len(held) >= cap:
+                    v = bel.victim(cache, held, protected) if bel else pol.victim(list(held), protected)
+                    if v is not None:
+                        held.discard(v)
+                if len(held) < cap:
+                    held.add(key)
+            if bel:
+                bel.touch(cache, key, nexts[acc])
+            else:
+                pol.touch(key, w)
+            acc += 1
+    return ReplayResult(policy, scope, sum(caps.values()), acc, hits, hit_b, tot_b, trace.num_tokens)
+
+
+def compare(trace, policies=POLICIES, resident: float = 0.3, scope: str = "global", frequencies=None,
+            expert_bytes=None) -> list[ReplayResult]:
+    """replay() for each policy, in the order given."""
+    return [replay(trace, p, resident, scope, frequencies, expert_bytes) for p in policies]

@@ -1,0 +1,159 @@
+"""Expert caches: replacement policies, slots reserved before use, slot budgets in the Plan, and budgets kept."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import hetero
+from hetero.errors import HeteroError
+from hetero.experts.cache import Entry, ExpertCache
+from hetero.experts.policy import make_policy
+from hetero.placement.greedy import default_expert_cache, greedy_plan, minimum_bytes
+from hetero.placement.plan import Plan, expert_slot_bytes, plan_table, predictor_bytes, tier_usage, validate
+from hetero.runtime.memory import Accountant, BudgetExceeded
+
+from helpers import model_groups, over_budget, tiny_checkpoint
+from plan_helpers import synthetic_profile
+
+
+# ---------------------------------------------------------------- policies
+
+def test_score_policy_evicts_the_lowest_decayed_weighted_frequency():
+    p = make_policy("score")
+    p.touch((0, 1), 0.9)  # used once, long ago, with a high weight
+    for _ in range(30):
+        p.tick()
+    p.touch((0, 2), 0.2)
+    p.touch((0, 3), 0.3)
+    assert p.victim([(0, 1), (0, 2), (0, 3)], set()) == (0, 1)  # 0.9 * 0.9**30 < 0.2
+    p.touch((0, 2), 0.2)
+    assert p.victim([(0, 2), (0, 3)], set()) == (0, 3)  # 0.4 > 0.3: frequency counts, weighted
+
+
+def test_protected_keys_are_never_victims():
+    for name in ("score", "lru", "static"):
+        p = make_policy(name, {0: [0.1, 0.9, 0.5]})
+        for e in range(3):
+            p.touch((0, e), 1.0)
+        assert p.victim([(0, 0), (0, 1), (0, 2)], {(0, 0)}) != (0, 0)
+        assert p.victim([(0, 0), (0, 1)], {(0, 0), (0, 1)}) is None
+
+
+def test_lru_and_static_policies():
+    lru = make_policy("lru")
+    for e in (0, 1, 2, 0):
+        lru.touch((3, e), 1.0)
+    assert lru.victim([(3, 0), (3, 1), (3, 2)], set()) == (3, 1)
+    static = make_policy("static", np.array([[0.5, 0.1, 0.4], [0.2, 0.2, 0.6]]), layers=[1, 3])
+    assert static.victim([(1, 0), (1, 2), (3, 0)], set()) == (3, 0)  # frequency 0.2 at layer 3
+    with pytest.raises(HeteroError, match="frequencies"):
+        make_policy("static")
+    with pytest.raises(HeteroError, match="choose score, lru or static"):
+        make_policy("mru")
+
+
+# ---------------------------------------------------------------- the cache
+
+def test_cache_reserves_every_slot_before_use_and_evicts_by_policy():
+    acc = Accountant({"cpu": 1000})
+    dropped = []
+    cache = ExpertCache("cpu", 3, 300, acc, make_policy("lru"), dropped.append)
+    assert acc.snapshot()["cpu"]["expert_cache_bytes"] == 900
+    with pytest.raises(BudgetExceeded):
+        ExpertCache("cpu", 1, 300, acc, make_policy("lru"))  # 900 + 300 > 1000: refused before it exists
+    for e in range(3):
+        assert cache.make_room(set())
+        cache.put((0, e), Entry(tensors=(), prefetched=e == 1))
+        cache.policy.touch((0, e))
+    assert not cache.make_room({(0, 0), (0, 1), (0, 2)})  # all protected: no slot
+    assert cache.make_room({(0, 0)})  # evicts the least recently used unprotected key
+    assert (0, 1) not in cache and cache.evictions == 1 and cache.wasted == 1  # a prefetch never used
+    assert cache.room({(0, 0)}) == 2 and len(dropped) == 1
+    cache.close()
+    assert acc.snapshot()["cpu"]["held_bytes"] == 0
+
+
+# ---------------------------------------------------------------- slot budgets in the plan
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    ckpt, _ = tiny_checkpoint(tmp_path_factory.mktemp("moe"), "mixtral", num_hidden_layers=3)
+    args, groups = model_groups(ckpt)
+    return ckpt, args, groups
+
+
+def test_plan_round_trip_validation_and_usage(moe):
+    _, args, groups = moe
+    plan = greedy_plan(groups, args, torch.float32, {"cpu": None}, "cpu", 256)
+    tiers = {g.name: ("disk" if g.kind == "expert" else t) for g, t in zip(groups, plan.tiers.values())}
+    plan = dataclasses.replace(plan, tiers=tiers, expert_cache={"cpu": 5})
+    assert Plan.from_json(plan.to_json()) == plan and Plan.from_json(plan.to_json()).expert_cache == {"cpu": 5}
+    rows = plan_table(plan, groups)  # the load-time table shows the caches, before lm_head
+    assert rows[-2][:2] == ("expert caches", "cpu 5 slots") and rows[-1][0] == "lm_head"
+    slot = expert_slot_bytes(groups)
+    use = tier_usage(groups, plan, args, torch.float32)
+    assert use["cpu"]["expert_cache"] == 5 * slot["cpu"] + predictor_bytes(groups, args)
+    none = tier_usage(groups, dataclasses.replace(plan, expert_cache={}), args, torch.float32)
+    assert none["cpu"]["expert_cache"] == 0
+    budget = sum(use["cpu"].values())
+    validate(dataclasses.replace(plan, budgets={"cpu": budget}), groups, args, torch.float32, False)
+    with pytest.raises(HeteroError, match="expert cache"):  # the cache counts in the budget check
+        validate(dataclasses.replace(plan, budgets={"cpu": budget - 1}), groups, args, torch.float32, False)
+    with pytest.raises(HeteroError, match="expert_cache"):
+        Plan.from_json(plan.to_json().replace('"cpu": 5', '"cpu": -1'))
+    with pytest.raises(HeteroError, match="gpu expert cache"):
+        validate(dataclasses.replace(plan, expert_cache={"gpu": 1}), groups, args, torch.float32, False)
+
+
+def test_greedy_takes_a_default_cache_from_the_budget_only_when_experts_do_not_fit(moe):
+    _, args, groups = moe
+    total = sum(g.nbytes for g in groups)
+    need = minimum_bytes(groups, args, torch.float32, "cpu", 256)["cpu"]
+    roomy = greedy_plan(groups, args, torch.float32, {"cpu": need + 2 * total}, "cpu", 256, fixed_context=True)
+    assert roomy.expert_cache == {} and "disk" not in roomy.tiers.values()
+    budget = need + total // 2
+    tight = greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, fixed_context=True)
+    assert any(t == "disk" for t in tight.tiers.values())
+    slots = default_expert_cache(groups, args, "cpu", {"cpu": budget - need, "gpu": 0})["cpu"]
+    assert tight.expert_cache == {"cpu": slots} and slots >= 1
+    use = tier_usage(groups, tight, args, torch.float32)
+    assert use["cpu"]["expert_cache"] > 0 and sum(use["cpu"].values()) <= budget
+    # asked for: slots, a size, none; too large a cache is refused in one line
+    assert greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, True, expert_cache=2).expert_cache == {"cpu": 2}
+    slot = expert_slot_bytes(groups)["cpu"]
+    sized = greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, True, expert_cache=str(3 * slot + 5))
+    assert sized.expert_cache == {"cpu": 3}
+    assert greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, True, expert_cache=0).expert_cache == {}
+    with pytest.raises(HeteroError, match="expert cache of 1000 slots"):
+        greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, True, expert_cache=1000)
+
+
+def test_gpu_plans_cache_on_both_tiers_within_budgets(moe):
+    _, args, groups = moe
+    need = minimum_bytes(groups, args, torch.float32, "gpu", 256)
+    total = sum(g.nbytes for g in groups)
+    budgets = {"gpu": need["gpu"] + total // 4, "cpu": need["cpu"] + total // 4}
+    plan = greedy_plan(groups, args, torch.float32, budgets, "gpu", 256, fixed_context=True)
+    assert set(plan.expert_cache) == {"gpu", "cpu"}
+    validate(plan, groups, args, torch.float32, True)
+
+
+@pytest.mark.parametrize("device,planner", [("cpu", "greedy"), ("fake-gpu", "greedy"), ("fake-gpu", "cost")])
+def test_loaded_caches_hold_their_slots_and_never_exceed_the_budgets(moe, device, planner):
+    ckpt, args, groups = moe
+    compute = "gpu" if device == "fake-gpu" else "cpu"
+    need = minimum_bytes(groups, args, torch.float32, compute, 256)
+    total = sum(g.nbytes for g in groups)
+    m = hetero.load_offloaded(ckpt, ram=need["cpu"] + total // 3, vram=need.get("gpu", 0) + total // 3, context=256,
+                              device=device, planner=planner, profile=synthetic_profile())
+    assert any(m.plan.expert_cache.values())
+    slot = expert_slot_bytes(groups, None)
+    snap = m.accountant.snapshot()
+    for t, n in m.plan.expert_cache.items():
+        assert snap[t]["expert_cache_bytes"] == n * slot[t]
+    m.generate(torch.tensor([[5, 6, 7, 8, 9, 10]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert not over_budget(m), over_budget(m)
+    s = m.stats()["experts"]
+    assert s["cache_slots"] == m.plan.expert_cache and s["policy"] == "score"
