@@ -13,10 +13,15 @@ class Accountant:
 
     Args:
         budgets: tier -> bytes, None for no limit.
+
+    Attributes:
+        reclaimers: callables (tier, nbytes) that give up memory held but idle (pooled buffers),
+            asked in turn before a reservation that would pass the budget is refused.
     """
 
     def __init__(self, budgets: dict):
         self.budgets = dict(budgets)
+        self.reclaimers: list = []
         self.held = {"gpu": 0, "cpu": 0}
         self.peak = {"gpu": 0, "cpu": 0}
         self.by_purpose: dict[tuple[str, str], int] = {}
@@ -25,6 +30,10 @@ class Accountant:
         if tier == "disk" or nbytes == 0:
             return
         budget = self.budgets.get(tier)
+        for reclaim in self.reclaimers:
+            if budget is None or self.held[tier] + nbytes <= budget:
+                break
+            reclaim(tier, self.held[tier] + nbytes - budget)
         if budget is not None and self.held[tier] + nbytes > budget:
             raise BudgetExceeded(
                 f"the {tier} tier would hold {format_size(self.held[tier] + nbytes)} ({purpose}) but its budget is "

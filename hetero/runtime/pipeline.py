@@ -25,8 +25,8 @@ import torch
 
 from ..errors import HeteroError
 from ..flash.pack import staging_extents
-from ..flash.reader import aligned_empty
-from ..placement.plan import next_token_reads
+from ..placement.plan import next_token_reads, staging_bytes
+from .buffers import BufferPool
 
 
 @dataclass
@@ -59,7 +59,14 @@ class Prefetcher:
         self.reads = [k for k in range(self.n_layers)
                       if any(self.plan.tiers[g] == "disk" for g in self._off_device(k))]  # layers that read
         extents = staging_extents(self.pack.extents, self.dtype) if self.pack else None
-        self.next_reads = next_token_reads(list(store.groups.values()), self.plan.tiers, self.compute, depth, extents)
+        groups = list(store.groups.values())
+        self.next_reads = next_token_reads(groups, self.plan.tiers, self.compute, depth, extents)
+        # read buffers, reused by size: staging within the plan's staging (reserved as they are made,
+        # reclaimed when another reservation needs the room); the expert cache's inside its slots
+        cap = staging_bytes(groups, self.plan.tiers, self.compute, depth, extents).get("cpu", 0)
+        self.buffers = BufferPool(self.acc, "staging", cap, self.pin)
+        self.expert_buffers = BufferPool(None, "expert_cache", 1 << 62, self.pin)
+        self.acc.reclaimers.append(self.buffers.reclaim)
         self._busy_until = 0  # end of the last counted read interval (ns), for the busy-time union
 
     def _off_device(self, j: int) -> list[str]:
@@ -102,18 +109,10 @@ class Prefetcher:
         s = self.staged.pop(key, None)
         if s is None:
             return
-        for reader, handle, *_ in s.reads:  # reads still in flight must finish before their buffer goes
-            try:
-                reader.wait(handle)
-            except OSError:
-                pass
-        s.reads.clear()
-        for g, buf in s.raw.items():
-            if s.reserved:
-                self.acc.release("cpu", buf.numel(), "staging")
+        self.drop(s)
         for tier, n in s.held:
             self.acc.release(tier, n, "staging")
-        s.raw.clear(), s.held.clear(), s.tensors.clear()
+        s.held.clear(), s.tensors.clear()
 
     def fetch(self, group: str) -> dict:
         """One group (an expert) read and prepared now; release(group) gives it back."""
@@ -134,7 +133,7 @@ class Prefetcher:
         data = s.raw[g][:self.pack.extents[g]["data_bytes"]]
         out = self.pack.decode(g, data, self.dtype)
         if not self.pack.is_view(g, self.dtype):
-            s.raw.clear()  # converted copies: the read buffer can go
+            self._give(s, s.raw.pop(g))  # converted copies: the read buffer can go
         return out
 
     def landed(self, s: Staged) -> bool:
@@ -142,22 +141,25 @@ class Prefetcher:
         return all(reader.poll(h) for reader, h, *_ in s.reads)
 
     def drop(self, s: Staged):
-        """Give up a Staged that is not in self.staged (an expert-cache entry), waiting for its reads."""
-        for reader, handle, *_ in s.reads:
+        """Give up a Staged's read buffers (an expert-cache entry's, or a layer's), waiting for its reads first."""
+        for reader, handle, *_ in s.reads:  # reads still in flight must finish before their buffer goes
             try:
                 reader.wait(handle)
             except OSError:
                 pass
         s.reads.clear()
-        if s.reserved:
-            for buf in s.raw.values():
-                self.acc.release("cpu", buf.numel(), "staging")
+        for buf in s.raw.values():
+            self._give(s, buf)
         s.raw.clear()
+
+    def _give(self, s: Staged, buf):
+        (self.buffers if s.reserved else self.expert_buffers).give(buf)
 
     def abort(self):
         """After an error: wait for every read in flight and release every buffer (no leak, no stray writes)."""
         for key in list(self.staged):
             self.release(key)
+        self.buffers.clear()
 
     # ------------------------------------------------------------ reading and decoding
 
@@ -168,9 +170,7 @@ class Prefetcher:
                 continue
             blocks = self.pack.blocks(g)
             n = sum(b[1] for b in blocks)
-            if reserve:
-                self.acc.reserve("cpu", n, "staging")
-            buf = s.raw[g] = aligned_empty(n, pin=self.pin)
+            buf = s.raw[g] = (self.buffers if reserve else self.expert_buffers).take(n)
             check = g not in self.pack.verified
             pos = 0
             for off, length, crc in blocks:
@@ -226,7 +226,7 @@ class Prefetcher:
                     s.tensors[n] = self._to_gpu(s, t)
         for g in list(s.raw):  # groups decoded into buffers of their own: their read buffers can go now
             if self.compute == "gpu" or not self.pack.is_view(g, self.dtype):
-                self.acc.release("cpu", s.raw.pop(g).numel(), "staging")
+                self._give(s, s.raw.pop(g))
         s.ready = True
 
     def _hold(self, s: Staged, tier: str, nbytes: int):
