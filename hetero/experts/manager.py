@@ -17,11 +17,19 @@ Prediction only chooses what is loaded ahead; routing, and so every output, is t
 
 import time
 from contextlib import ExitStack, contextmanager
+
 import torch
 
 from .cache import Entry, ExpertCache
 from .policy import make_policy
 from .stats import ExpertStats
+
+# Prefetch a layer's predictions only while at least half of them turn out used: when reads are the
+# bottleneck a wrong prefetch costs a read's time and a right one saves about one, so below 1/2 demand
+# loading is faster. Measured per (target layer, distance), as a moving average over ~10 tokens that
+# starts optimistic and keeps being updated while prefetching is off, so it can come back.
+MIN_PRECISION = 0.5
+PRECISION_DECAY = 0.9
 
 
 class ExpertManager:
@@ -42,17 +50,20 @@ class ExpertManager:
         self.store, self.pipe, self.plan = store, store.pipe, store.plan
         self.compute, self.device = store.compute, store.device
         self.slot_bytes, self.policy_name = slot_bytes, policy
-        self.caches = {t: ExpertCache(t, n, slot_bytes[t], store.acc, make_policy(policy, frequencies), self._drop)
-                       for t, n in self.plan.expert_cache.items() if n}
-        self.prefetch, self.predictor, self.costs, self.lookahead = prefetch, predictor, costs, lookahead
         keys = store.expert_keys()
         self.moe = sorted({layer for layer, _ in keys})  # the MoE layers
+        self.caches = {t: ExpertCache(t, n, slot_bytes[t], store.acc, make_policy(policy, frequencies, self.moe),
+                                      self._drop)
+                       for t, n in self.plan.expert_cache.items() if n}
+        self.prefetch, self.predictor, self.costs, self.lookahead = prefetch, predictor, costs, lookahead
         self.E = max((e for _, e in keys), default=-1) + 1
         self.top_k = store.model.args.num_experts_per_tok or 1
         self.home = {key: self.plan.tiers[store.expert_group(*key)] for key in keys}
         self.nbytes = {key: store.groups[store.expert_group(*key)].nbytes for key in keys}
         self.stats = ExpertStats()
         self.predictions: dict = {}  # target layer -> [(MoE layers ahead it was predicted, scores [E])]
+        # (target layer, distance) -> moving average of the share of its predicted experts that were used
+        self.precision: dict = {}
         self.protected: set = set()  # keys in use or predicted: never evicted
         self.cached: dict = {}  # key in use -> the tiers whose cache held it when its layer began
 
@@ -63,9 +74,11 @@ class ExpertManager:
         used = torch.unique(idx).tolist()
         for d, scores in self.predictions.pop(layer, ()):
             top = set(torch.topk(scores, min(len(used), len(scores))).indices.tolist())
+            hit = len(top & set(used)) / len(used)
             r = self.stats.recall[(layer, d)]
-            r[0] += len(top & set(used)) / len(used)
+            r[0] += hit
             r[1] += 1
+            self.precision[(layer, d)] = PRECISION_DECAY * self.precision.get((layer, d), 1.0) + (1 - PRECISION_DECAY) * hit
         for e in used:
             weight = float(w[idx == e].sum())
             for c in self.caches.values():
@@ -93,6 +106,8 @@ class ExpertManager:
                     continue
                 ahead = self.moe.index(target) - self.moe.index(layer)  # in MoE layers
                 self.predictions.setdefault(target, []).append((ahead, scores))
+                if self.precision.get((target, ahead), 1.0) < MIN_PRECISION:
+                    continue  # measured too often wrong at this distance: its reads would cost more than they save
                 # the experts predicted to be among some token's top-k (probability above 1/2), at least
                 # top_k: each needless read takes disk time from the reads that are needed
                 m = min(len(scores), max(self.top_k, int((scores > 0.5).sum())))
