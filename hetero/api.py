@@ -12,6 +12,7 @@ from .checkpoint.catalogue import Catalogue
 from .config import ModelArgs
 from .errors import HeteroError
 from .experts.build import build_manager
+from .experts.recording import trace_frequencies
 from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
@@ -212,8 +213,11 @@ def _profile_for(planner: str, profile, plan, say):
     return hardware.cached()
 
 
-def _plan_function(planner: str, profile, args, cat, dtype, device):
-    """A function with greedy_plan's signature that plans by `planner`: "cost" (the cost model) or "greedy"."""
+def _plan_function(planner: str, profile, args, cat, dtype, device, expert_freq=None):
+    """A function with greedy_plan's signature that plans by `planner`: "cost" (the cost model) or "greedy".
+
+    expert_freq: per-expert activation frequencies [MoE layers, E] from a routing trace, or None (uniform).
+    """
     if planner == "greedy":
         return greedy_plan
     from .placement.cost import Workload
@@ -221,7 +225,7 @@ def _plan_function(planner: str, profile, args, cat, dtype, device):
     from .placement.planner import plan_model
 
     desc = describe(args, checkpoint_tensors(args, cat), dtype)
-    workload = Workload(gpu="fake-gpu" if device.kind == "fake-gpu" else None)
+    workload = Workload(gpu="fake-gpu" if device.kind == "fake-gpu" else None, expert_freq=expert_freq)
 
     def plan_fn(groups, args, dtype, budgets, compute, context, fixed_context=False, **staging):
         return plan_model(desc, budgets, compute, context, profile, workload, fixed_context, **staging)
@@ -371,16 +375,19 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     extents = packs.staging_extents(opened.extents if opened else packs.layout(tensors, groups, fmt), cdtype)
     if expert_policy not in ("score", "lru"):
         raise HeteroError(f"expert_policy {expert_policy!r}: choose score or lru")
+    model = fam.build(args)  # meta weights: module names and shapes, nothing read yet
+    freq = trace_frequencies(path, cat, model, notes) if model.moe_blocks() else None
+    routing = dict(extents=extents, expert_cache=expert_cache, routing_known=freq is not None)
     if plan is None:
         # a budget below the minimum is refused before any seconds go into measuring the machine
         greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
-                    fixed_context=context is not None, extents=extents, expert_cache=expert_cache)
+                    fixed_context=context is not None, **routing)
     # measured quietly: a log line here would stand before a checkpoint error found later in loading
     profile = _profile_for(planner, profile, plan, lambda *_: None)
     if plan is None:
-        plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev)
+        plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev, freq)
         plan = plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
-                       fixed_context=context is not None, extents=extents, expert_cache=expert_cache)
+                       fixed_context=context is not None, **routing)
         if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
             notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
         source = "plan"
@@ -395,14 +402,13 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     plan = replace(plan, expert_cache={t: n for t, n in plan.expert_cache.items() if t in used and n})
     validate(plan, groups, args, cdtype, dev.has_gpu, source, extents)
     acc = Accountant(plan.budgets)
-    model = fam.build(args)
     if "disk" in plan.tiers.values() and opened is None:
         opened = _ensure_pack(path, cat, tensors, groups, fmt, disk_dir, acc, say, progress)
     weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype, pack=opened)
     kv = kvstore.kv_cache_factory(attention, plan, groups, args, cdtype, dev, acc, max_tokens, disk_dir,
                                   extents) if paged else None
     experts = build_manager(path, args, cat, model, weights, groups, extents, profile, dev, prefetch, expert_policy,
-                            notes) if model.moe_blocks() else None
+                            notes, freq) if model.moe_blocks() else None
     executor = Executor(model, weights, plan, dev, acc, kv_cache=kv, experts=experts)
     tokenizer = None
     if (path / "tokenizer.json").is_file():

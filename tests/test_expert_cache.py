@@ -93,6 +93,27 @@ def test_cache_reserves_every_slot_before_use_and_evicts_by_policy():
     assert acc.snapshot()["cpu"]["held_bytes"] == 0
 
 
+def test_a_prefetch_never_pushes_out_an_expert_needed_sooner_nor_one_still_being_read():
+    acc = Accountant({"cpu": None})
+    cache = ExpertCache("cpu", 2, 100, acc, make_policy("score", layers=[0, 1, 2, 3]))
+    for layer in (2, 3):  # two experts used every token, then the cycle stands at layer 3
+        assert cache.make_room(set())
+        cache.put((layer, 0), Entry(tensors=()))
+    for _ in range(5):
+        for layer in (2, 3):
+            cache.policy.touch((layer, 0), 1.0)
+        cache.policy.tick()
+    victim_wait = max(cache.policy.wait(k) for k in cache.entries)
+    # a prediction for layer 0 with chance 0.9: it waits 1 step + 10% of a long wait; evicting an expert
+    # needed within ~2 steps for it would cost a read sooner than it saves one
+    assert not cache.make_room(set(), admit_wait=victim_wait)
+    assert cache.make_room(set(), admit_wait=victim_wait - 0.5) and len(cache.entries) == 1
+    cache.put((0, 1), Entry(staged=object()))  # its reads are in flight: not a candidate
+    cache.policy.touch((0, 1), 1.0)
+    left = next(k for k in cache.entries if k != (0, 1))
+    assert cache.make_room(set()) and (0, 1) in cache and left not in cache
+
+
 # ---------------------------------------------------------------- slot budgets in the plan
 
 @pytest.fixture(scope="module")

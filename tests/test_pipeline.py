@@ -109,8 +109,8 @@ class FailingReader(PythonReader):
         super().__init__()
         self.bad, self.offsets = bad, {}
 
-    def submit(self, fd, buf, offset, checksum=False):
-        h = super().submit(fd, buf, offset, checksum)
+    def submit(self, fd, buf, offset, checksum=False, urgent=False):
+        h = super().submit(fd, buf, offset, checksum, urgent)
         self.offsets[h] = offset
         return h
 

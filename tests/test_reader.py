@@ -150,3 +150,22 @@ def test_buffered_fallback_where_o_direct_is_refused(monkeypatch, data):
     assert r.wait(r.submit(fd, buf, 0)).nbytes == 4096 and bytes(buf.numpy()) == blob[:4096]
     r.close()
     os.close(fd)
+
+
+@pytest.mark.skipif(rd._LIB is None, reason="the native reader is not built")
+def test_an_urgent_read_goes_ahead_of_the_queued_ones(tmp_path):
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(16 * 2**22))  # 16 reads of 4 MiB: a queue that takes a while to drain
+    r = rd.NativeReader(threads=1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bufs = [rd.aligned_empty(2**22) for _ in range(17)]
+        normal = [r.submit(fd, bufs[i], i * 2**22) for i in range(16)]
+        urgent = r.submit(fd, bufs[16], 0, urgent=True)
+        starts = {h: r.wait(h).start_ns for h in normal + [urgent]}
+    finally:
+        os.close(fd)
+        r.close()
+    later = [h for h in normal if starts[h] > starts[urgent]]
+    assert len(later) >= 8  # one worker: the urgent read ran before most of what was queued before it
+    assert bytes(bufs[16].numpy()) == bytes(bufs[0].numpy())

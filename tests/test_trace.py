@@ -10,6 +10,7 @@ import hetero
 from hetero.errors import HeteroError
 from hetero.experts.trace import RoutingTrace, TraceRecorder
 from helpers import spread_plan, tiny_checkpoint
+from plan_helpers import synthetic_profile
 
 
 def _toy(N=6, k=2, E=4, layers=(0, 2), x=True):
@@ -95,3 +96,32 @@ def test_slice_and_bad_input(tmp_path):
         RoutingTrace(3, 1, {0: np.array([[3]])}, {0: np.ones((1, 1), np.float32)})
     with pytest.raises(HeteroError, match="different numbers"):
         RoutingTrace(3, 1, {0: np.zeros((2, 1)), 1: np.zeros((3, 1))}, {0: np.ones((2, 1)), 1: np.ones((3, 1))})
+
+
+def test_a_trace_next_to_the_model_places_frequent_experts_in_ram(tmp_path):
+    from hetero.experts.recording import TRACE_FILE, record_ids
+    from hetero.placement.greedy import minimum_bytes
+
+    model_dir, _ = tiny_checkpoint(tmp_path, "mixtral", num_local_experts=8, num_hidden_layers=2)
+    m = hetero.load_offloaded(model_dir, dtype="float32", planner="greedy", ram="1GB")
+    ids = torch.randint(0, m.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    tr = record_ids(m, ids)
+    freq = tr.frequencies()  # [2 layers, 8 experts]
+    tr.save(model_dir / TRACE_FILE)
+    # a budget that keeps some experts on disk: the cost planner puts the frequent ones in RAM
+    expert = next(g.nbytes for g in m.groups if g.kind == "expert")
+    others = sum(g.nbytes for g in m.groups if g.kind != "expert")
+    floor = minimum_bytes(m.groups, m.config, torch.float32, "cpu", 256, 1)["cpu"]
+    ram = floor + others + 6 * expert  # 6 of the 16 experts fit in RAM
+    with_trace = hetero.load_offloaded(model_dir, dtype="float32", ram=ram, context=256, profile=synthetic_profile(),
+                                       expert_cache=0)
+    tiers = {(g.layer, g.expert): with_trace.plan.tiers[g.name] for g in with_trace.groups if g.kind == "expert"}
+    in_ram = [freq[l][e] for (l, e), t in tiers.items() if t == "cpu"]
+    on_disk = [freq[l][e] for (l, e), t in tiers.items() if t == "disk"]
+    assert in_ram and on_disk and min(in_ram) >= max(on_disk)
+    assert with_trace.executor.experts.caches == {} and not with_trace.notes
+    # a trace recorded on other router weights is not used, and the load says so
+    other, _ = tiny_checkpoint(tmp_path / "other", "mixtral", seed=1, num_local_experts=8, num_hidden_layers=2)
+    (other / TRACE_FILE).write_bytes((model_dir / TRACE_FILE).read_bytes())
+    m2 = hetero.load_offloaded(other, dtype="float32", ram=ram, context=256, profile=synthetic_profile(), expert_cache=0)
+    assert any("recorded on another model" in n for n in m2.notes)

@@ -10,7 +10,7 @@ from .predictor import SpeculativeGating, load_predictor, read_routers
 
 
 def build_manager(path, args, cat, model, weights, groups, extents, profile, dev, prefetch: bool, policy: str,
-                  notes: list) -> ExpertManager:
+                  notes: list, frequencies=None) -> ExpertManager:
     """The ExpertManager of an MoE model: its caches (the plan's slots), miss decisions and lookahead from
     the hardware profile (when there is one), and the routing predictor when prefetching.
 
@@ -23,6 +23,8 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
         dev: runtime.device.Device.
         prefetch, policy: as for load_offloaded.
         notes: list the load's notes are appended to.
+        frequencies: per-expert activation frequencies [MoE layers, E] from a routing trace (the
+            policies' prior), or None.
     """
     plan, dtype, k = weights.plan, weights.dtype, args.num_experts_per_tok
     experts = [g for g in groups if g.kind == "expert"]
@@ -50,7 +52,7 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
             notes.append("the calibrated routing predictor is larger than the plan sets aside; using speculative gating")
             predictor = SpeculativeGating(routers, k, span)
         weights.acc.reserve("cpu", predictor.nbytes, "predictor")
-    return ExpertManager(weights, expert_slot_bytes(groups, extents), policy, None, prefetch, predictor, costs, L)
+    return ExpertManager(weights, expert_slot_bytes(groups, extents), policy, frequencies, prefetch, predictor, costs, L)
 
 
 def _moe_layer_s(args, cat, dtype, plan, profile, dev, extents) -> float:

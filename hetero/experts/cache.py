@@ -62,14 +62,23 @@ class ExpertCache:
         """Slots that a new entry could take now: free ones, plus held ones whose key is not protected."""
         return self.slots - sum(1 for k in self.entries if k in protected)
 
-    def make_room(self, protected: set) -> bool:
-        """Free one slot (evicting the policy's victim if the cache is full); False if every entry is protected."""
+    def make_room(self, protected: set, admit_wait: float | None = None) -> bool:
+        """Free one slot (evicting the policy's victim if the cache is full); False if every entry is protected.
+
+        An entry whose reads are still in flight is not a candidate: giving it up would make the
+        compute thread wait for those reads before their buffer could go.
+
+        Args:
+            admit_wait: evict only a victim whose expected wait until next use (policy.wait) is longer
+                than this (a prefetch's own); None: any victim.
+        """
         if self.slots == 0:
             return False
         if len(self.entries) < self.slots:
             return True
-        victim = self.policy.victim(list(self.entries), protected)
-        if victim is None:
+        busy = {k for k, e in self.entries.items() if e.pending}
+        victim = self.policy.victim(list(self.entries), protected | busy if busy else protected)
+        if victim is None or (admit_wait is not None and self.policy.wait(victim) <= admit_wait):
             return False
         self.evict(victim)
         return True

@@ -95,7 +95,7 @@ class ExpertManager:
         """
         # cached before this layer asked (a demand read queued below is still a miss)
         self.cached = {(layer, e): {t for t, c in self.caches.items() if (layer, e) in c} for e in counts}
-        queue = [(float("inf"), (layer, e), n, False) for e, n in counts.items()]
+        queue = [(float("inf"), (layer, e), n, False, 1.0) for e, n in counts.items()]
         predicted = set()
         if self.prefetch and self.predictor is not None and self.caches:
             N = x.shape[0]
@@ -106,7 +106,8 @@ class ExpertManager:
                     continue
                 ahead = self.moe.index(target) - self.moe.index(layer)  # in MoE layers
                 self.predictions.setdefault(target, []).append((ahead, scores))
-                if self.precision.get((target, ahead), 1.0) < MIN_PRECISION:
+                precision = self.precision.get((target, ahead), 1.0)
+                if precision < MIN_PRECISION:
                     continue  # measured too often wrong at this distance: its reads would cost more than they save
                 # the experts predicted to be among some token's top-k (probability above 1/2), at least
                 # top_k: each needless read takes disk time from the reads that are needed
@@ -115,10 +116,11 @@ class ExpertManager:
                     key = (target, e)
                     predicted.add(key)
                     if self.home[key] != self.compute:
-                        queue.append((float(scores[e]) * self._miss_s(self.home[key], n_est), key, n_est, True))
+                        q = min(float(scores[e]), precision)  # the chance it is used, as predicted and as measured
+                        queue.append((q * self._miss_s(self.home[key], n_est), key, n_est, True, q))
         self.protected = {(layer, e) for e in counts} | predicted
-        for _, key, n, ahead in sorted(queue, key=lambda q: -q[0]):
-            self._issue(key, n, ahead)
+        for _, key, n, ahead, q in sorted(queue, key=lambda item: -item[0]):
+            self._issue(key, n, ahead, q)
 
     @contextmanager
     def serve(self, layer: int, e: int, n: int):
@@ -188,49 +190,56 @@ class ExpertManager:
 
     # ------------------------------------------------------------ moving experts
 
-    def _issue(self, key, n: int, ahead: bool):
+    def _issue(self, key, n: int, ahead: bool, q: float = 1.0):
         """Start what `key` needs before it computes: its read into the cpu cache (disk-homed), its copy
-        to the gpu cache (a predicted expert that the cost model would move to the gpu)."""
+        to the gpu cache (a predicted expert that the cost model would move to the gpu). q: the chance
+        that a predicted expert is used (1 for this layer's own misses)."""
         home = self.home[key]
         if home == self.compute or key in self.caches.get("gpu", ()):
             return
         if self.compute == "cpu":
-            self._read(key, ahead)
+            self._read(key, ahead, q)
             return
         gpu = self._decide("cpu", n) == "gpu"  # once the expert is in RAM, is it worth moving?
         if home == "disk":
-            ent = self._read(key, ahead)  # served from RAM, or read through it on the way to the gpu
+            ent = self._read(key, ahead, q)  # served from RAM, or read through it on the way to the gpu
             if ent is not None and gpu and ahead:
                 ent.to_gpu = True
                 if not ent.pending:
-                    self._copy(key, ent.tensors, True)
+                    self._copy(key, ent.tensors, True, q)
         elif gpu and ahead:  # demand copies happen when served: nothing is gained by doing them sooner
-            self._copy(key, self.store.expert_tensors(*key), True)
+            self._copy(key, self.store.expert_tensors(*key), True, q)
 
-    def _read(self, key, ahead: bool) -> Entry | None:
+    def _admit(self, cache, key, ahead: bool, q: float):
+        """For a prefetch: the expected wait (in MoE-layer steps) the victim must exceed to be given up for
+        `key` — a prediction must not push out an expert that will be needed sooner. None: no condition."""
+        wait = getattr(cache.policy, "expected_wait", None)
+        return wait(key, q) if ahead and wait is not None else None
+
+    def _read(self, key, ahead: bool, q: float = 1.0) -> Entry | None:
         """The cpu-cache entry of a disk-homed expert, its reads queued now if it was not cached (None: no slot)."""
         cache = self.caches.get("cpu")
         if cache is None:
             return None
         if key in cache:
             return cache.get(key)
-        if not cache.make_room(self.protected):
+        if not cache.make_room(self.protected, self._admit(cache, key, ahead, q)):
             return None
         group = self.store.expert_group(*key)
-        ent = Entry(staged=self.pipe.read_expert(group), prefetched=ahead)
+        ent = Entry(staged=self.pipe.read_expert(group, urgent=not ahead), prefetched=ahead)
         cache.put(key, ent)
         self.stats.disk_read_bytes += self.store.pack.extents[group]["nbytes"]
         self.stats.prefetched["cpu"] += ahead
         return ent
 
-    def _copy(self, key, host: tuple, ahead: bool) -> Entry | None:
+    def _copy(self, key, host: tuple, ahead: bool, q: float = 1.0) -> Entry | None:
         """The gpu-cache entry of `key`, copied from its host tensors now if it was not cached (None: no slot)."""
         cache = self.caches.get("gpu")
         if cache is None:
             return None
         if key in cache:
             return cache.get(key)
-        if not cache.make_room(self.protected):
+        if not cache.make_room(self.protected, self._admit(cache, key, ahead, q)):
             return None
         ent = Entry(tensors=tuple(self.device.to_tier(t, "gpu") for t in host), prefetched=ahead)
         cache.put(key, ent)

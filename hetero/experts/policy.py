@@ -65,13 +65,17 @@ class ScorePolicy:
 
     def wait(self, key) -> float:
         """Expected MoE-layer steps until `key` is needed again."""
+        return self.expected_wait(key, 0.0)
+
+    def expected_wait(self, key, used_next: float) -> float:
+        """wait() of `key` when it is used at its layer's next turn with chance `used_next` (a prediction's)."""
         L = len(self.order)
         if not L or key[0] not in self.order:
-            return 1.0 / self.probability(key)
+            return (1 - used_next) / self.probability(key)
         here = self.order.index(self.current) if self.current in self.order else 0
         d = (self.order.index(key[0]) - here) % L or L
         p = self.probability(key)
-        return d + L * (1 - p) / p
+        return d + (1 - used_next) * L * (1 - p) / p
 
     def touch(self, key, weight: float = 1.0):
         if key[0] not in self.order:

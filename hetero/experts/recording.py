@@ -8,6 +8,8 @@ import glob
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import HeteroError
 from .calibrate import calibrate, recall
 from .predictor import PREDICTOR_FILE, SpeculativeGating, model_fingerprint, read_routers
@@ -18,6 +20,27 @@ CHUNK = 256  # tokens per prefill call: big enough to be fast, small enough to b
 LICENCES = ("GPL-3", "Apache-2.0", "GFDL-1.3", "MPL-2.0", "LGPL-3", "Artistic")
 DEPTHS = 3
 EVAL_SHARE = 0.25  # tail of a calibration trace kept out of the fit, for the recall that is reported
+
+
+def trace_frequencies(model_dir, catalogue, model, notes: list) -> np.ndarray | None:
+    """Per-expert activation frequencies [MoE layers, E] from the routing trace `hetero trace` left next
+    to the model, when it was recorded on this model (same config and routers); else None.
+
+    The planner then places experts by how often they are picked instead of a uniform prior, and the
+    caches' score policy starts from them.
+    """
+    path = Path(model_dir) / TRACE_FILE
+    if not path.is_file():
+        return None
+    try:
+        tr = RoutingTrace.load(path)
+        if tr.meta.get("fingerprint") == model_fingerprint(model_dir, read_routers(catalogue, model)):
+            return tr.frequencies()
+        note = f"{path.name} was recorded on another model or other router weights: experts are placed without it"
+    except HeteroError as e:
+        note = f"{e}: experts are placed without it"
+    notes.append(note)
+    return None
 
 
 def sample_text() -> str:

@@ -86,7 +86,8 @@ def _native_lib():
     lib.hr_pool_new.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.hr_pool_free.argtypes = [ctypes.c_void_p]
     lib.hr_submit.restype = ctypes.c_int
-    lib.hr_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int]
+    lib.hr_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int,
+                              ctypes.c_int]
     lib.hr_poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.hr_wait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_CResult)]
     lib.hr_crc32.restype = ctypes.c_uint32
@@ -108,9 +109,12 @@ class NativeReader:
             raise MemoryError("could not start the native reader's threads")
         self._buffers: dict[int, torch.Tensor] = {}  # kept alive while a read fills them
 
-    def submit(self, fd: int, buf: torch.Tensor, offset: int, checksum: bool = False) -> int:
-        """Queue a read of buf.nbytes bytes at `offset` of `fd` into the uint8 tensor `buf`; returns a handle."""
-        h = _LIB.hr_submit(self._pool, fd, buf.data_ptr(), buf.numel(), offset, int(checksum))
+    def submit(self, fd: int, buf: torch.Tensor, offset: int, checksum: bool = False, urgent: bool = False) -> int:
+        """Queue a read of buf.nbytes bytes at `offset` of `fd` into the uint8 tensor `buf`; returns a handle.
+
+        urgent: put it ahead of every queued read (one the compute thread is about to wait for).
+        """
+        h = _LIB.hr_submit(self._pool, fd, buf.data_ptr(), buf.numel(), offset, int(checksum), int(urgent))
         if h < 0:
             raise OSError(-h, f"native reader: cannot queue a read ({os.strerror(-h)})")
         self._buffers[h] = buf
@@ -169,7 +173,8 @@ class PythonReader:
         self._futures: dict[int, object] = {}
         self._next = 0
 
-    def submit(self, fd: int, buf: torch.Tensor, offset: int, checksum: bool = False) -> int:
+    def submit(self, fd: int, buf: torch.Tensor, offset: int, checksum: bool = False, urgent: bool = False) -> int:
+        # `urgent` is accepted and ignored: the executor's queue is first in, first out
         h, self._next = self._next, self._next + 1
         self._futures[h] = self._pool.submit(_pread_all, fd, buf, offset, checksum)
         return h

@@ -116,14 +116,15 @@ class Prefetcher:
 
     def fetch(self, group: str) -> dict:
         """One group (an expert) read and prepared now; release(group) gives it back."""
-        s = self.staged[group] = self._read([group])
+        s = self.staged[group] = self._read([group], urgent=True)
         self._prepare(s)
         return s.tensors
 
-    def read_expert(self, group: str) -> Staged:
+    def read_expert(self, group: str, urgent: bool = False) -> Staged:
         """Queue the reads of one disk-homed expert into a host buffer that an expert-cache slot pays for
-        (not reserved here); land_host() makes its tensors, drop() gives it up."""
-        return self._read([group], reserve=False)
+        (not reserved here); land_host() makes its tensors, drop() gives it up. urgent: ahead of every
+        queued read (a miss the layer computing now waits for, not a prefetch)."""
+        return self._read([group], reserve=False, urgent=urgent)
 
     def land_host(self, s: Staged) -> dict:
         """Wait for an expert's reads (checking checksums the first time) and decode it on the host, in the
@@ -163,7 +164,7 @@ class Prefetcher:
 
     # ------------------------------------------------------------ reading and decoding
 
-    def _read(self, groups: list[str], reserve: bool = True) -> Staged:
+    def _read(self, groups: list[str], reserve: bool = True, urgent: bool = False) -> Staged:
         s = Staged(groups, reserved=reserve)
         for g in groups:
             if self.plan.tiers[g] != "disk":
@@ -175,7 +176,7 @@ class Prefetcher:
             pos = 0
             for off, length, crc in blocks:
                 reader = self.store.reader
-                h = reader.submit(self.store.pack_fd, buf[pos:pos + length], off, checksum=check)
+                h = reader.submit(self.store.pack_fd, buf[pos:pos + length], off, checksum=check, urgent=urgent)
                 s.reads.append((reader, h, g, off, length, crc if check else None))
                 pos += length
         return s
