@@ -4,7 +4,9 @@
  * opens the files (with O_DIRECT or F_NOCACHE where it can) and owns the buffers; this file only
  * moves bytes and checksums them:
  *
- *   slot = hr_submit(pool, fd, buf, len, offset, want_crc)   queue one read; -EAGAIN when full
+ *   slot = hr_submit(pool, fd, buf, len, offset, want_crc, urgent)
+ *                                                            queue one read (urgent: ahead of every
+ *                                                            queued one); -EAGAIN when full
  *   hr_poll(pool, slot)                                      1 when done, 0 while in flight
  *   hr_wait(pool, slot, &result)                             block until done; frees the slot
  *
@@ -169,7 +171,7 @@ void hr_pool_free(pool_t *p) {
     free(p);
 }
 
-int hr_submit(pool_t *p, int fd, void *buf, size_t len, int64_t off, int want_crc) {
+int hr_submit(pool_t *p, int fd, void *buf, size_t len, int64_t off, int want_crc, int urgent) {
     pthread_mutex_lock(&p->mu);
     int s = -1;
     for (int i = 0; i < p->cap; i++)
@@ -178,7 +180,12 @@ int hr_submit(pool_t *p, int fd, void *buf, size_t len, int64_t off, int want_cr
     req_t *r = &p->slots[s];
     memset(r, 0, sizeof *r);
     r->fd = fd; r->buf = buf; r->len = len; r->off = off; r->want_crc = want_crc; r->state = QUEUED;
-    p->queue[(p->qhead + p->qcount) % p->cap] = s;
+    if (urgent) { /* a read the compute thread is about to wait for: first in line */
+        p->qhead = (p->qhead + p->cap - 1) % p->cap;
+        p->queue[p->qhead] = s;
+    } else {
+        p->queue[(p->qhead + p->qcount) % p->cap] = s;
+    }
     p->qcount++;
     pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->mu);

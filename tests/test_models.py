@@ -151,3 +151,14 @@ def test_sliding_window_matches_transformers(tmp_path, family):
     assert (model(ids).logits - ref_logits).abs().max().item() <= ATOL
     tokens = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=0)
     assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_takes_the_matrix_vector_path_with_the_same_result(dtype):
+    from hetero.models.common import linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=g).to(dtype)
+    for shape in [(1, 1, 64), (64,), (3, 64), (2, 1, 64)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w)), (dtype, shape)

@@ -16,9 +16,24 @@ from ..config import ModelArgs
 from ..errors import HeteroError
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but one row of bf16 on the CPU (a decoded token) goes through torch.mv: the same result
+    (tests/test_models.py), ~30% faster there (1536 x 576: 244 -> 158 us on the development machine)."""
+    if bias is None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        return torch.mv(weight, x.reshape(-1)).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by linear() above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 def meta_linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
     with torch.device("meta"):
-        return nn.Linear(n_in, n_out, bias=bias)
+        return Linear(n_in, n_out, bias=bias)
 
 
 class RMSNorm(nn.Module):
@@ -208,7 +223,7 @@ class MLP(nn.Module):
 
 def expert_ffn(x, gate_w, up_w, down_w):
     """One expert's SwiGLU on the tokens routed to it: x [n, C] -> [n, C]."""
-    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+    return linear(F.silu(linear(x, gate_w)) * linear(x, up_w), down_w)
 
 
 class SparseMoE(nn.Module):
