@@ -3,11 +3,16 @@
     python benchmarks/plan_accuracy.py [--tokens 8] [--rounds 2] [--models smollm2,dense,moe] [--no-refresh]
                                        [--wait-quiet SECONDS]
 
-Models: SmolLM2-135M (float32, 540 MB, tied embeddings), a generated dense Llama of 1.4 GB and a
-generated Mixtral-style MoE of 1.1 GB (both random weights, made once with transformers' from_config
-into ~/.cache/hetero-bench). For each, RAM budgets that put everything in RAM, about half on disk,
-most on disk, and (MoE) experts split over RAM and disk; each budget is planned by the cost planner
-and by the greedy fill-in-order planner, and both plans run in the same run, interleaved.
+Models: SmolLM2-135M (float32, 540 MB, tied embeddings), a generated dense Llama of 1.4 GB (random
+weights, made once with transformers' from_config into ~/.cache/hetero-bench) and, for the MoE, the
+2.6 GB bf16 Mixtral-architecture model of moe_offload.py: the trained MoE fixture (routing learned
+from real text) widened 16x, after `hetero trace` and `hetero calibrate` (its routing trace and
+predictor beside it), decoding held-out prose (random-init routers would say nothing about how
+often a cached expert is reused). For each, RAM budgets that put everything in RAM, about half on
+disk, most on disk, and (MoE) experts split over RAM and disk; each budget is planned by the cost
+planner and by the greedy fill-in-order planner, and both plans run in the same run, interleaved.
+The MoE's predictions use what the runtime knows from the trace: expert frequencies, the expert
+cache's policy replayed on the trace (experts/replay.hit_shares) and the predictor's held-out recall.
 
 Regime: disk-tier reads come from the disk: the runtime reads them from the model's pack with
 O_DIRECT (the prefetch pipeline's reader pool, lm_head slices on the compute thread), so the page
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 CACHE = Path(os.environ.get("HETERO_BENCH_CACHE") or Path.home() / ".cache" / "hetero-bench")
 PROMPT_TOKENS, CONTEXT = 32, 512
 
@@ -46,11 +52,27 @@ GENERATED = {
     # 350M parameters, float32: 1.4 GB
     "dense": dict(model_type="llama", vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=10,
                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
-    # 8 experts top-2 over 6 layers, float32: 1.1 GB, of which experts 0.9 GB
-    "moe": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=6,
-                num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
-                max_position_embeddings=2048, tie_word_embeddings=False, sliding_window=None),
 }
+
+
+def trained_moe() -> Path:
+    """moe_offload.py's widened fixture with its routing trace and calibrated predictor (built once)."""
+    import moe_offload
+
+    model = CACHE / moe_offload.NAME
+    moe_offload.make_model(model, moe_offload.fixture_dir())
+    return moe_offload.calibrated_copy(model, CACHE)
+
+
+def token_stream(name: str, path: Path, n: int) -> list[int]:
+    """n token ids to run: held-out prose for the trained MoE (its routing follows the text), else fixed ids."""
+    if name != "moe":
+        return ((torch.arange(n) * 7 % 1000 + 5).tolist())[:PROMPT_TOKENS] + [11 + i for i in range(n - PROMPT_TOKENS)]
+    import corpus
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(corpus.eval_text(20_000)).ids
+    return ids[:n]
 
 
 def generated(name: str) -> Path:
@@ -69,6 +91,26 @@ def generated(name: str) -> Path:
     model.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def routing_workload(base, path: Path):
+    """(the Workload as the runtime knows it for this model, whether a routing trace placed its experts):
+    for an MoE with a trace and predictor beside it, what load_offloaded passes the cost model."""
+    from hetero import api
+    from hetero.checkpoint.catalogue import Catalogue
+    from hetero.config import ModelArgs
+    from hetero.models import family_for
+
+    args = ModelArgs.from_dir(path)
+    model = family_for(args).build(args)
+    if not model.moe_blocks():
+        return base, False
+    cat = Catalogue(path)
+    try:
+        facts = api._routing_facts(path, cat, model, True, "score", [])
+    finally:
+        cat.close()
+    return replace(base, **facts), facts["routing_trace"] is not None
 
 
 def others_busy(window: float = 0.5) -> float:
@@ -138,12 +180,12 @@ def budgets_for(name: str, size: int) -> dict:
     return out
 
 
-def decode_times(m, path: Path, tokens: int) -> tuple[list[float], float]:
+def decode_times(m, path: Path, stream: list[int], tokens: int) -> tuple[list[float], float]:
     """(seconds of each decoded token, the page cache dropped before each; seconds stalled on reads per token)."""
     ex = m.executor
     cache = ex.new_cache()
     try:
-        ids = (torch.arange(PROMPT_TOKENS) * 7 % 1000 + 5)[None]
+        ids = torch.tensor([stream[:PROMPT_TOKENS]])
         drop_page_cache(path)
         ex.forward(ids, cache, last_only=True)
         stall0 = ex.timing.get("decode_io_stall_s", 0.0)
@@ -151,7 +193,7 @@ def decode_times(m, path: Path, tokens: int) -> tuple[list[float], float]:
         for i in range(tokens):
             drop_page_cache(path)
             t0 = time.perf_counter()
-            ex.forward(torch.tensor([[11 + i]]), cache, last_only=True)
+            ex.forward(torch.tensor([[stream[PROMPT_TOKENS + i]]]), cache, last_only=True)
             times.append(time.perf_counter() - t0)
         return times, (ex.timing.get("decode_io_stall_s", 0.0) - stall0) / max(1, tokens)
     finally:
@@ -179,15 +221,19 @@ def main():
     if not args.no_refresh:
         wait_quiet(args.wait_quiet)
     profile = hardware.get_profile(refresh=not args.no_refresh, log=lambda m: print(m, file=sys.stderr))
-    paths = {n: (store.resolve("smollm2") if n == "smollm2" else generated(n)) for n in args.models.split(",")}
+    paths = {n: {"smollm2": lambda: store.resolve("smollm2"), "moe": trained_moe}.get(n, lambda: generated(n))()
+             for n in args.models.split(",")}
     descs = {n: describe_dir(p) for n, p in paths.items()}
-    workload = Workload(prompt_tokens=PROMPT_TOKENS, new_tokens=args.tokens)
+    streams = {n: token_stream(n, p, PROMPT_TOKENS + args.tokens) for n, p in paths.items()}
+    base = Workload(prompt_tokens=PROMPT_TOKENS, new_tokens=args.tokens)
     runs = []  # one per (model, scenario, planner)
     for name, path in paths.items():
         desc = descs[name]
+        workload, known = routing_workload(base, path)
         for scenario, ram in budgets_for(name, desc.total_bytes).items():
             for planner in ("cost", "greedy"):
-                plan, pred = make_plan(desc, {"cpu": ram}, "cpu", CONTEXT, True, profile, workload, planner)
+                plan, pred = make_plan(desc, {"cpu": ram}, "cpu", CONTEXT, True, profile, workload, planner,
+                                       routing_known=known)
                 same = next((r for r in runs if r["model"] == name and r["scenario"] == scenario
                              and r["plan"].tiers == plan.tiers), None)
                 resident = {t: sum(g.nbytes for g in desc.groups if plan.tiers[g.name] == t) for t in ("cpu", "disk")}
@@ -203,11 +249,12 @@ def main():
             biggest = max(paths[r["model"]].glob("*.safetensors"), key=lambda f: f.stat().st_size)
             wait_quiet(args.wait_quiet)
             disk = probes.disk_read(str(biggest), quick=True)  # this moment's cold reads, of this model's file
-            now = predict(descs[r["model"]], r["plan"], replace(profile, disk_read=disk), workload).decode_s_per_token
+            now = predict(descs[r["model"]], r["plan"], replace(profile, disk_read=disk),
+                          routing_workload(base, paths[r["model"]])[0]).decode_s_per_token
             cpu, io = wait_quiet(args.wait_quiet)
             r.setdefault("busy", []).append(cpu)
             r.setdefault("disk_busy", []).append(io)
-            times, stall = decode_times(m, paths[r["model"]], args.tokens)
+            times, stall = decode_times(m, paths[r["model"]], streams[r["model"]], args.tokens)
             r["rounds"].append(statistics.median(times))
             r.setdefault("stalls", []).append(stall)
             r.setdefault("now", []).append(now / r["rounds"][-1] - 1)

@@ -12,7 +12,7 @@ from .checkpoint.catalogue import Catalogue
 from .config import ModelArgs
 from .errors import HeteroError
 from .experts.build import build_manager
-from .experts.recording import trace_frequencies
+from .experts.recording import calibrated_recall, recorded_trace
 from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
@@ -174,7 +174,7 @@ class OffloadedModel:
 
 def _predicted_decode(m) -> float | None:
     """The cost model's decode seconds per token for this plan and the tokens run so far (None without a profile)."""
-    from .placement.cost import Workload, predict
+    from .placement.cost import predict
     from .placement.describe import describe
 
     t = m.executor.timing
@@ -192,8 +192,8 @@ def _predicted_decode(m) -> float | None:
             desc = m._desc = describe(m.config, checkpoint_tensors(m.config, cat), m.dtype)
         finally:
             cat.close()
-    workload = Workload(prompt_tokens=max(1, t["prefill_tokens"]), new_tokens=max(1, t["decode_tokens"]),
-                        gpu="fake-gpu" if m.device.kind == "fake-gpu" else None)
+    workload = _routing_workload(m.device, getattr(m, "routing", {}), prompt_tokens=max(1, t["prefill_tokens"]),
+                                 new_tokens=max(1, t["decode_tokens"]))
     s = predict(desc, m.plan, profile, workload).decode_s_per_token
     m._prediction = (key, s)
     return s
@@ -213,19 +213,34 @@ def _profile_for(planner: str, profile, plan, say):
     return hardware.cached()
 
 
-def _plan_function(planner: str, profile, args, cat, dtype, device, expert_freq=None):
+def _routing_workload(device, routing: dict, **kw):
+    """The cost model's Workload for this device and what is known of the routing (_routing_facts)."""
+    from .placement.cost import Workload
+
+    return Workload(gpu="fake-gpu" if device.kind == "fake-gpu" else None, **routing, **kw)
+
+
+def _routing_facts(path, cat, model, prefetch: bool, policy: str, notes: list) -> dict:
+    """Workload fields from the routing trace and calibrated predictor next to an MoE model ({} for dense)."""
+    if not model.moe_blocks():
+        return {}
+    trace = recorded_trace(path, cat, model, notes)
+    return {"expert_freq": trace.frequencies() if trace is not None else None, "routing_trace": trace,
+            "expert_policy": policy, "expert_recall": calibrated_recall(path, cat, model) if prefetch else 0.0}
+
+
+def _plan_function(planner: str, profile, args, cat, dtype, device, routing: dict | None = None):
     """A function with greedy_plan's signature that plans by `planner`: "cost" (the cost model) or "greedy".
 
-    expert_freq: per-expert activation frequencies [MoE layers, E] from a routing trace, or None (uniform).
+    routing: Workload fields from a routing trace and the predictor (_routing_facts); {} = uniform prior.
     """
     if planner == "greedy":
         return greedy_plan
-    from .placement.cost import Workload
     from .placement.describe import describe
     from .placement.planner import plan_model
 
     desc = describe(args, checkpoint_tensors(args, cat), dtype)
-    workload = Workload(gpu="fake-gpu" if device.kind == "fake-gpu" else None, expert_freq=expert_freq)
+    workload = _routing_workload(device, routing or {})
 
     def plan_fn(groups, args, dtype, budgets, compute, context, fixed_context=False, **staging):
         return plan_model(desc, budgets, compute, context, profile, workload, fixed_context, **staging)
@@ -376,7 +391,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     if expert_policy not in ("score", "lru"):
         raise HeteroError(f"expert_policy {expert_policy!r}: choose score or lru")
     model = fam.build(args)  # meta weights: module names and shapes, nothing read yet
-    freq = trace_frequencies(path, cat, model, notes) if model.moe_blocks() else None
+    facts = _routing_facts(path, cat, model, prefetch, expert_policy, notes)
+    freq = facts.get("expert_freq")
     routing = dict(extents=extents, expert_cache=expert_cache, routing_known=freq is not None)
     if plan is None:
         # a budget below the minimum is refused before any seconds go into measuring the machine
@@ -385,7 +401,7 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     # measured quietly: a log line here would stand before a checkpoint error found later in loading
     profile = _profile_for(planner, profile, plan, lambda *_: None)
     if plan is None:
-        plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev, freq)
+        plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev, facts)
         plan = plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
                        fixed_context=context is not None, **routing)
         if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
@@ -420,4 +436,5 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         say(n)
     m = OffloadedModel(path, args, tokenizer, plan, groups, executor, acc, dev, cdtype, notes)
     m.profile = profile  # for predicted_decode_s_per_token in stats()
+    m.routing = facts
     return m

@@ -188,6 +188,32 @@ def test_an_expert_cache_serves_the_hottest_disk_experts():
     assert two == pytest.approx(hot.decode_s_per_token)
 
 
+def test_with_a_trace_the_cache_is_replayed_and_locality_counts():
+    from hetero.experts.trace import RoutingTrace
+
+    desc = tiny_desc("mixtral", layers=1, experts=4)
+    p = synthetic_profile()
+    plan = dataclasses.replace(_plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu"), expert_cache={"cpu": 2})
+    ram = predict(desc, _plan(desc, lambda g: "cpu"), p).decode_s_per_token
+    disk = predict(desc, dataclasses.replace(plan, expert_cache={}), p).decode_s_per_token
+
+    def trace(rows):
+        idx = np.asarray(rows)  # [N, k]
+        return RoutingTrace(4, 2, {0: idx}, {0: np.full(idx.shape, 0.5, np.float32)})
+    # every token picks experts 0 and 1 at equal frequencies as in `spread`: with the locality the
+    # two slots serve every use (as if all lived in RAM); spread over all four, a 2-slot cache misses
+    local = trace([[0, 1]] * 200 + [[2, 3]] * 200)
+    spread = trace([[t % 4, (t + 1) % 4] for t in range(400)])
+    freq = local.frequencies()
+    hot = predict(desc, plan, p, Workload(expert_freq=freq, routing_trace=local, expert_policy="lru")).decode_s_per_token
+    cold = predict(desc, plan, p, Workload(expert_freq=freq, routing_trace=spread, expert_policy="lru")).decode_s_per_token
+    assert hot == pytest.approx(ram, rel=0.02)
+    assert ram < cold <= disk
+    # the frequencies alone (no trace) give the static picture: the two most used of four cached
+    static = predict(desc, plan, p, Workload(expert_freq=freq)).decode_s_per_token
+    assert ram < static < disk
+
+
 def test_experts_the_predictor_reads_ahead_overlap_compute():
     desc = tiny_desc("mixtral", layers=3, experts=4, hidden_size=256, intermediate_size=512)
     p = synthetic_profile()

@@ -50,6 +50,21 @@ def test_score_policy_gives_up_the_layer_just_run_before_the_next_one():
     assert rare.victim([(0, 0), (1, 0)], set()) == (0, 0)
 
 
+def test_score_policy_victim_is_the_ranking_it_documents():
+    # victim() is an inlined loop for speed: it must pick what the lowest (-wait, score, key) picks
+    rng = np.random.default_rng(0)
+    for prior, layers in ((None, None), ({l: rng.random(8) for l in range(4)}, range(4))):
+        p = make_policy("score", prior, layers)
+        for i in range(2000):
+            p.touch((int(rng.integers(4)), int(rng.integers(8))), float(rng.random()))
+            if i % 7 == 0:
+                p.tick()
+            resident = list({(int(rng.integers(5)), int(rng.integers(8))) for _ in range(20)})
+            protected = set(resident[:3])
+            free = [k for k in resident if k not in protected]
+            assert p.victim(resident, protected) == min(free, key=lambda k: (-p.wait(k), p.score(k), k))
+
+
 def test_protected_keys_are_never_victims():
     for name in ("score", "lru", "static"):
         p = make_policy(name, {0: [0.1, 0.9, 0.5]})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hetero.errors import HeteroError
-from hetero.experts.replay import POLICIES, compare, parse_share, replay
+from hetero.experts.replay import POLICIES, compare, hit_shares, parse_share, replay
 from hetero.experts.trace import RoutingTrace
 
 
@@ -90,3 +90,18 @@ def test_bad_arguments():
     with pytest.raises(HeteroError, match="scope"):
         replay(tr, "lru", scope="tier")
     assert set(POLICIES) == {"score", "lru", "static", "belady"}
+
+
+def test_hit_shares_per_expert_over_a_population():
+    # layer 0: expert 0 every token, expert 1 or 2 alternating; one slot held by whichever was used last
+    rows = [[[0, 1 + t % 2]] for t in range(40)]
+    tr = _trace(rows, E=4)
+    shares = hit_shares(tr, 2, policy="lru", warm=4)
+    assert shares[(0, 0)] == 1.0  # always resident
+    assert shares[(0, 1)] == shares[(0, 2)] == 0.0  # 2 slots: expert 0 and the other one, never this one
+    assert hit_shares(tr, 3, policy="lru", warm=4) == {(0, 0): 1.0, (0, 1): 1.0, (0, 2): 1.0}
+    # only the population goes through the cache: one slot for experts 1 and 2 alone still misses them
+    only = hit_shares(tr, 1, population={(0, 1), (0, 2)}, policy="lru", warm=4)
+    assert set(only) == {(0, 1), (0, 2)} and max(only.values()) == 0.0
+    assert hit_shares(tr, 2, population={(0, 1), (0, 2)}, policy="lru", warm=4) == {(0, 1): 1.0, (0, 2): 1.0}
+    assert hit_shares(tr, 0) == {(0, 0): 0.0, (0, 1): 0.0, (0, 2): 0.0}

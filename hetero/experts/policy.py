@@ -45,6 +45,7 @@ class ScorePolicy:
     def __init__(self, frequencies: dict | None = None, decay: float = DECAY, layers=None):
         self.prior, self.decay = frequencies or {}, decay
         self.order = sorted(layers) if layers is not None else []
+        self.pos = {l: i for i, l in enumerate(self.order)}  # layer -> its place in the cycle
         self.step = 0
         self.scores: dict = {}  # key -> (decayed weighted uses at `since`, since)
         self.current = None  # the layer of the last use: where the cycle is
@@ -70,16 +71,17 @@ class ScorePolicy:
     def expected_wait(self, key, used_next: float) -> float:
         """wait() of `key` when it is used at its layer's next turn with chance `used_next` (a prediction's)."""
         L = len(self.order)
-        if not L or key[0] not in self.order:
+        if not L or key[0] not in self.pos:
             return (1 - used_next) / self.probability(key)
-        here = self.order.index(self.current) if self.current in self.order else 0
-        d = (self.order.index(key[0]) - here) % L or L
+        here = self.pos.get(self.current, 0)
+        d = (self.pos[key[0]] - here) % L or L
         p = self.probability(key)
         return d + (1 - used_next) * L * (1 - p) / p
 
     def touch(self, key, weight: float = 1.0):
-        if key[0] not in self.order:
+        if key[0] not in self.pos:
             self.order = sorted(self.order + [key[0]])
+            self.pos = {l: i for i, l in enumerate(self.order)}
         self.weight_sum += float(weight)
         self.uses += 1
         mean = self.weight_sum / self.uses
@@ -90,7 +92,32 @@ class ScorePolicy:
         self.step += 1
 
     def victim(self, resident: list, protected: set):
-        return _lowest(resident, protected, lambda k: (-self.wait(k), self.score(k), k))
+        # _lowest(resident, protected, lambda k: (-self.wait(k), self.score(k), k)), inlined: it runs over
+        # every resident expert at every miss, in the runtime and in the cost model's replays
+        best, best_rank = None, None
+        step, decay, scores, pos, prior = self.step, self.decay, self.scores, self.pos, self.prior
+        steps = (1 - decay ** (step + 1)) / (1 - decay)
+        L = len(self.order)
+        here = pos.get(self.current, 0)
+        for k in resident:
+            if k in protected:
+                continue
+            s, since = scores.get(k, (0.0, step))
+            score = s * decay ** (step - since)
+            row = prior.get(k[0])
+            if row is not None:
+                p = (score + PRIOR_STEPS * float(row[k[1]])) / (steps + PRIOR_STEPS)
+            else:
+                p = score / steps
+            p = min(1.0, max(MIN_PROBABILITY, p))
+            if L and k[0] in pos:
+                wait = ((pos[k[0]] - here) % L or L) + L * (1 - p) / p
+            else:
+                wait = 1 / p
+            rank = (-wait, score, k)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = k, rank
+        return best
 
 
 class LRUPolicy:

@@ -8,11 +8,10 @@ import glob
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import HeteroError
 from .calibrate import calibrate, recall
-from .predictor import PREDICTOR_FILE, SpeculativeGating, model_fingerprint, read_routers
+from .predictor import PREDICTOR_FILE, LinearPredictor, SpeculativeGating, model_fingerprint, read_routers
 from .trace import RoutingTrace, TraceRecorder
 
 TRACE_FILE = "routing-trace.safetensors"
@@ -22,12 +21,12 @@ DEPTHS = 3
 EVAL_SHARE = 0.25  # tail of a calibration trace kept out of the fit, for the recall that is reported
 
 
-def trace_frequencies(model_dir, catalogue, model, notes: list) -> np.ndarray | None:
-    """Per-expert activation frequencies [MoE layers, E] from the routing trace `hetero trace` left next
-    to the model, when it was recorded on this model (same config and routers); else None.
+def recorded_trace(model_dir, catalogue, model, notes: list) -> RoutingTrace | None:
+    """The routing trace `hetero trace` (or `hetero calibrate`) left next to the model, when it was
+    recorded on this model (same config and routers); else None (with a note when one was ignored).
 
-    The planner then places experts by how often they are picked instead of a uniform prior, and the
-    caches' score policy starts from them.
+    The planner then places experts by how often they are picked instead of a uniform prior, the
+    cost model replays the expert caches on it, and the caches' score policy starts from its frequencies.
     """
     path = Path(model_dir) / TRACE_FILE
     if not path.is_file():
@@ -35,12 +34,29 @@ def trace_frequencies(model_dir, catalogue, model, notes: list) -> np.ndarray | 
     try:
         tr = RoutingTrace.load(path)
         if tr.meta.get("fingerprint") == model_fingerprint(model_dir, read_routers(catalogue, model)):
-            return tr.frequencies()
+            return tr
         note = f"{path.name} was recorded on another model or other router weights: experts are placed without it"
     except HeteroError as e:
         note = f"{e}: experts are placed without it"
     notes.append(note)
     return None
+
+
+def calibrated_recall(model_dir, catalogue, model) -> float:
+    """1-layer-ahead recall the calibrated predictor next to the model measured on held-out tokens when
+    it was fitted (0.0 without a matching one): the share of expert uses the cost model takes as read
+    ahead. (Speculative gating has no measured figure, so it is taken as reading nothing ahead.)"""
+    path = Path(model_dir) / PREDICTOR_FILE
+    if not path.is_file():
+        return 0.0
+    routers = read_routers(catalogue, model)
+    try:
+        pred = LinearPredictor.load(path, routers, model.args.num_experts_per_tok, 1)
+    except HeteroError:
+        return 0.0
+    if pred.fingerprint != model_fingerprint(model_dir, routers):
+        return 0.0
+    return float((pred.meta.get("heldout_recall") or {}).get("1") or 0.0)
 
 
 def sample_text() -> str:

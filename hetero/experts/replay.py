@@ -181,3 +181,59 @@ def compare(trace, policies=POLICIES, resident: float = 0.3, scope: str = "globa
             expert_bytes=None) -> list[ReplayResult]:
     """replay() for each policy, in the order given."""
     return [replay(trace, p, resident, scope, frequencies, expert_bytes) for p in policies]
+
+
+HIT_TOKENS = 320  # tokens of a trace the cost model replays for cache hit shares (~1-3 s of Python)
+WARM_TOKENS = 64  # of them, the first ones only fill the cache: their compulsory misses are not counted
+
+
+def hit_shares(trace, slots: int, population=None, policy: str = "score", frequencies=None,
+               tokens: int = HIT_TOKENS, warm: int = WARM_TOKENS) -> dict:
+    """Per expert, the share of its uses an expert cache of `slots` experts serves, replayed on a trace.
+
+    What the cost model uses when a trace exists: an expert homed below a cache's tier costs as the
+    cache's tier for this share of its uses and as its home tier for the rest. Only experts in
+    `population` (the ones the cache holds, those homed below its tier) pass through the cache; the
+    others are not looked up in it. The replay runs the trace's middle `tokens` tokens (counting
+    after the first `warm`, once the cache has filled).
+
+    Args:
+        trace: a RoutingTrace.
+        slots: experts the cache holds.
+        population: (layer, expert) keys that go through the cache; default all.
+        policy: the runtime's replacement policy ("score" or "lru"; "static" with frequencies).
+        frequencies: prior for the score policy (default the trace's own).
+    Returns:
+        {(layer, expert): share of its counted uses that hit}, for the keys used after the warm-up.
+    """
+    n = trace.num_tokens
+    if n > tokens:
+        start = (n - tokens) // 2
+        trace = trace.slice(start, start + tokens)
+    warm = min(warm, trace.num_tokens // 4)
+    pol = make_policy(policy, frequencies if frequencies is not None else trace.frequencies(), trace.layers)
+    held, cap = set(), max(0, int(slots))
+    uses, hits = {}, {}
+    last_t = 0
+    for t, l, used in _steps(trace):
+        if t != last_t:
+            pol.tick()
+            last_t = t
+        protected = {(l, e) for e, _ in used}
+        for e, w in used:
+            key = (l, e)
+            if population is not None and key not in population:
+                continue
+            hit = key in held
+            if t >= warm:
+                uses[key] = uses.get(key, 0) + 1
+                hits[key] = hits.get(key, 0) + hit
+            if not hit and cap:
+                if len(held) >= cap:
+                    v = pol.victim(list(held), protected)
+                    if v is not None:
+                        held.discard(v)
+                if len(held) < cap:
+                    held.add(key)
+            pol.touch(key, w)
+    return {k: hits[k] / u for k, u in uses.items()}

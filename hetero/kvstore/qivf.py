@@ -31,8 +31,9 @@ EMPTY_CENTROID = 1e6  # padding centroid: no key is near it; empty clusters cost
 
 def _bmm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Batched a [h, x, y] @ b [h, y, z] in float32 (torch's bmm: numpy's stacked matmul is far slower here)."""
-    return torch.bmm(torch.from_numpy(np.ascontiguousarray(a, np.float32)),
-                     torch.from_numpy(np.ascontiguousarray(b, np.float32))).numpy()
+    # np.require copies only what is not already C-contiguous, writable float32 (torch wants writable memory)
+    return torch.bmm(torch.from_numpy(np.require(a, np.float32, ["C", "W"])),
+                     torch.from_numpy(np.require(b, np.float32, ["C", "W"]))).numpy()
 
 
 def _sqrtm(C: np.ndarray, inverse: bool) -> np.ndarray:

@@ -9,7 +9,9 @@ measured for its family plus attention over the KV cache. Read sizes are those o
 extents, as the runtime reads them. schedule.replay then runs the executor's loop over the layers'
 sums: reads ahead of compute by the plan's depth, and the next token's first reads during lm_head.
 Experts count by activation probability: a uniform top_k / num_experts, or per-expert frequencies
-from a routing trace (Workload.expert_freq).
+from a routing trace (Workload.expert_freq). An expert cache holds the most used of the experts homed
+below its tier; with the trace itself (Workload.routing_trace) the cache's policy is replayed on it
+instead, and each expert costs as the cache's tier for the share of its uses the replay served.
 
 Shape legend: n groups, 3 tiers (gpu, cpu, disk), c = schedule.COLS cost columns, b buckets
 (0: embedding, 1..L: decoder layers, L+1: final norm and lm_head).
@@ -47,6 +49,9 @@ class Workload:
         expert_recall: share of the experts a token uses that the routing predictor read ahead (its
             measured recall at the lookahead; experts/manager.py): those reads overlap compute like
             the pipeline's, the rest are fetched on demand; 0 with prediction off.
+        routing_trace: the RoutingTrace itself (experts/trace.py): the plan's expert caches are
+            replayed on it (experts/replay.hit_shares, policy `expert_policy`) for their hit shares,
+            which then reflect the routing's locality, not only its frequencies.
     """
 
     prompt_tokens: int = 128
@@ -56,6 +61,8 @@ class Workload:
     expert_freq: object = field(default=None, hash=False, compare=False)
     extents: dict | None = field(default=None, hash=False, compare=False)
     expert_recall: float = 0.0
+    routing_trace: object = field(default=None, hash=False, compare=False)
+    expert_policy: str = "score"
 
 
 @dataclass(frozen=True)
@@ -393,6 +400,58 @@ def cached_index(t: Tables, plan: Plan, probs: dict) -> np.ndarray:
     return idx
 
 
+_HITS: dict = {}  # (trace, policy, slots, population) -> hit shares: replays are seconds of Python
+
+
+def replayed_weights(t: Tables, plan: Plan, trace, policy: str = "score") -> np.ndarray:
+    """[n, 3] share of each group's uses served from each tier, the plan's expert caches replayed on a
+    routing trace (experts.replay.hit_shares): an expert homed below a cache's tier is served by the
+    cache for its replayed hit share, else from below (by the next cache down, else its home)."""
+    from ..experts.replay import hit_shares
+
+    idx = tier_index(t, plan)
+    w = np.zeros((len(idx), len(TIERS)))
+    w[np.arange(len(idx)), idx] = 1.0
+    cache = getattr(plan, "expert_cache", None) or {}
+    keys = {i: _expert_key(name) for i, name in enumerate(t.names)}
+    keys = {i: k for i, k in keys.items() if k is not None}
+    for tier in ("gpu", "cpu"):
+        slots, ti = int(cache.get(tier, 0)), TIERS.index(tier)
+        if slots <= 0:
+            continue
+        below = {i: k for i, k in keys.items() if idx[i] > ti}
+        pop = frozenset(below.values())
+        memo = (id(trace), policy, slots, pop)
+        if memo not in _HITS or _HITS[memo][0] is not trace:  # (the trace is kept, so its id stays its own)
+            if len(_HITS) > 64:
+                _HITS.clear()
+            _HITS[memo] = (trace, hit_shares(trace, slots, pop, policy))
+        shares = _HITS[memo][1]
+        for i, k in below.items():
+            h = shares.get(k, 0.0)
+            rest = w[i, ti + 1:].sum()  # what the caches above left to be served from below this tier
+            w[i, ti + 1:] *= 1 - h
+            w[i, ti] += h * rest
+    return w
+
+
+def _expert_key(name: str):
+    """'layers.3.experts.7' -> (3, 7); None for other groups."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "layers" and parts[2] == "experts":
+        return int(parts[1]), int(parts[3])
+    return None
+
+
+def weighted_streams(t: Tables, weights: np.ndarray, which: str = "decode") -> np.ndarray:
+    """[b, c] costs per bucket when each group is served from several tiers with shares weights [n, 3]."""
+    table = t.decode if which == "decode" else t.prefill  # [n, 3, c]
+    per = np.einsum("nk,nkc->nc", weights, np.where(weights[..., None] > 0, table, 0.0))
+    out = (t.fixed_decode if which == "decode" else t.fixed_prefill).copy()
+    np.add.at(out, t.bucket, per)
+    return out
+
+
 def _streams(row) -> dict:
     return {"disk": float(row[PRE] + row[FIFO] + row[SYNC]), "copy": float(row[COPY]), "compute": float(row[COMP])}
 
@@ -409,8 +468,12 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
     """
     t = tabs or tables(desc, profile, workload, plan.compute)
     probs = {f"layers.{l}.experts.{e}": p for (l, e), p in expert_probs(desc, workload).items()}
-    idx = cached_index(t, plan, probs)
-    dec, pre = bucket_streams(t, idx, "decode"), bucket_streams(t, idx, "prefill")
+    if workload.routing_trace is not None and any((getattr(plan, "expert_cache", None) or {}).values()):
+        w = replayed_weights(t, plan, workload.routing_trace, workload.expert_policy)
+        dec, pre = weighted_streams(t, w, "decode"), weighted_streams(t, w, "prefill")
+    else:
+        idx = cached_index(t, plan, probs)
+        dec, pre = bucket_streams(t, idx, "decode"), bucket_streams(t, idx, "prefill")
     extents = {k: tuple(v) for k, v in workload.extents.items()} if workload.extents else None
     nxt = next_token_reads(list(desc.groups), plan.tiers, plan.compute, plan.depth, extents)
     L = len(dec) - 2

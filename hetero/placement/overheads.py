@@ -7,6 +7,7 @@ measures it per family: per layer for attention and for a dense MLP, per MoE blo
 computed, and per step (embedding, RoPE tables, final norm, lm_head call).
 """
 
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -82,12 +83,12 @@ def _per_call(fn, device: str, calls: int) -> float:
             torch.cuda.synchronize()
 
     batch()
-    best = float("inf")
-    for _ in range(12):  # the fastest of many short batches: the least interference from other processes
+    times = []
+    for _ in range(12):  # the median of short batches: a typical step, as decoding is measured
         t0 = time.perf_counter()
         batch()
-        best = min(best, time.perf_counter() - t0)
-    return best / calls
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / calls
 
 
 def _layer_parts(model_type: str, top_k: int, device: str, calls: int) -> dict:

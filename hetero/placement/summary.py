@@ -12,13 +12,16 @@ from .planner import plan_model
 
 
 def make_plan(desc: ModelDesc, budgets: dict, compute: str, context: int, fixed_context: bool, profile,
-              workload: Workload, planner: str = "cost", prefill_weight: float = 0.0):
-    """(plan, prediction) for `desc` within `budgets` by the named planner ("cost" or "greedy")."""
+              workload: Workload, planner: str = "cost", prefill_weight: float = 0.0, **staging):
+    """(plan, prediction) for `desc` within `budgets` by the named planner ("cost" or "greedy").
+
+    staging: passed on to greedy_plan (e.g. routing_known=True when experts are placed by a trace)."""
     tabs = tables(desc, profile, workload, compute)
     if planner == "greedy":
-        plan = greedy_plan(list(desc.groups), desc.args, desc.dtype, budgets, compute, context, fixed_context)
+        plan = greedy_plan(list(desc.groups), desc.args, desc.dtype, budgets, compute, context, fixed_context, **staging)
     else:
-        plan = plan_model(desc, budgets, compute, context, profile, workload, fixed_context, prefill_weight, tabs=tabs)
+        plan = plan_model(desc, budgets, compute, context, profile, workload, fixed_context, prefill_weight, tabs=tabs,
+                          **staging)
     return plan, predict(desc, plan, profile, workload, tabs)
 
 
