@@ -13,6 +13,7 @@ from .config import ModelArgs
 from .errors import HeteroError
 from .experts.build import build_manager
 from .experts.recording import calibrated_recall, recorded_trace
+from .experts.replay import replay_window
 from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
@@ -225,7 +226,9 @@ def _routing_facts(path, cat, model, prefetch: bool, policy: str, notes: list) -
     if not model.moe_blocks():
         return {}
     trace = recorded_trace(path, cat, model, notes)
-    return {"expert_freq": trace.frequencies() if trace is not None else None, "routing_trace": trace,
+    # the frequencies are the whole trace's; the cache replays only need its middle (kept: stats() predicts)
+    return {"expert_freq": trace.frequencies() if trace is not None else None,
+            "routing_trace": replay_window(trace) if trace is not None else None,
             "expert_policy": policy, "expert_recall": calibrated_recall(path, cat, model) if prefetch else 0.0}
 
 

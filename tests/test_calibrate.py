@@ -98,3 +98,28 @@ def test_load_predictor_reads_a_calibrated_file(tmp_path):
     pred = calibrate(trace, routers, depths=1, fingerprint=model_fingerprint(model_dir, routers))
     pred.save(model_dir / PREDICTOR_FILE)
     assert load_predictor(model_dir, routers, 2, 1).kind == "calibrated"
+
+
+def test_calibrated_recall_is_the_matching_predictors_heldout_figure(tmp_path):
+    from helpers import tiny_checkpoint
+    from test_predictor import _routers
+    from hetero.checkpoint.catalogue import Catalogue
+    from hetero.config import ModelArgs
+    from hetero.experts.predictor import model_fingerprint
+    from hetero.experts.recording import calibrated_recall
+    from hetero.models import family_for
+
+    model_dir, _ = tiny_checkpoint(tmp_path, "mixtral")
+    args, routers = _routers(model_dir)
+    model, cat = family_for(args).build(ModelArgs.from_dir(model_dir)), Catalogue(model_dir)
+    try:
+        assert calibrated_recall(model_dir, cat, model) == 0.0  # no predictor: nothing is taken as read ahead
+        trace, _ = _synthetic(N=200, C=args.hidden_size, E=args.num_experts, layers=len(routers))
+        pred = calibrate(trace, routers, depths=1, fingerprint=model_fingerprint(model_dir, routers))
+        pred.meta = {"heldout_recall": {"1": 0.875}}
+        pred.save(model_dir / PREDICTOR_FILE)
+        assert calibrated_recall(model_dir, cat, model) == 0.875
+        calibrate(trace, routers, depths=1, fingerprint="another model").save(model_dir / PREDICTOR_FILE)
+        assert calibrated_recall(model_dir, cat, model) == 0.0
+    finally:
+        cat.close()

@@ -105,3 +105,13 @@ def test_hit_shares_per_expert_over_a_population():
     assert set(only) == {(0, 1), (0, 2)} and max(only.values()) == 0.0
     assert hit_shares(tr, 2, population={(0, 1), (0, 2)}, policy="lru", warm=4) == {(0, 1): 1.0, (0, 2): 1.0}
     assert hit_shares(tr, 0) == {(0, 0): 0.0, (0, 1): 0.0, (0, 2): 0.0}
+
+
+def test_replay_window_is_the_middle_and_owns_its_arrays():
+    from hetero.experts.replay import replay_window
+
+    tr = _trace([[[t % 4]] for t in range(100)])
+    w = replay_window(tr, 10)
+    assert w.num_tokens == 10 and w.idx[0][:, 0].tolist() == [t % 4 for t in range(45, 55)]
+    assert w.idx[0].base is None and w.w[0].base is None  # not views keeping the whole trace alive
+    assert replay_window(tr, 500) is tr

@@ -202,20 +202,25 @@ class LinearPredictor(SpeculativeGating):
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"hetero": json.dumps(meta)}),
                      "the routing predictor")
 
-    @classmethod
-    def load(cls, path: Path, routers, top_k: int, lookahead: int) -> "LinearPredictor":
-        """Read a file written by `save`. Raises HeteroError when it is unreadable or not a predictor."""
+    @staticmethod
+    def header(path: Path, tensors: bool = False) -> tuple[dict, dict]:
+        """(the file's metadata, its tensors when `tensors`, else {}); HeteroError when it is not a predictor."""
         from safetensors import SafetensorError, safe_open
 
-        path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("hetero", "{}"))
                 if meta.get("format") != FORMAT:
                     raise HeteroError(f"{path}: not a hetero routing predictor (format {meta.get('format')!r})")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                return meta, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
         except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as e:
             raise HeteroError(f"{path}: unreadable routing predictor ({e})") from None
+
+    @classmethod
+    def load(cls, path: Path, routers, top_k: int, lookahead: int) -> "LinearPredictor":
+        """Read a file written by `save`. Raises HeteroError when it is unreadable or not a predictor."""
+        path = Path(path)
+        meta, tensors = cls.header(path, tensors=True)
         maps = {}
         for key, w in tensors.items():
             _, l, d, part = key.split(".")

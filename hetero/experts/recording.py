@@ -45,18 +45,18 @@ def recorded_trace(model_dir, catalogue, model, notes: list) -> RoutingTrace | N
 def calibrated_recall(model_dir, catalogue, model) -> float:
     """1-layer-ahead recall the calibrated predictor next to the model measured on held-out tokens when
     it was fitted (0.0 without a matching one): the share of expert uses the cost model takes as read
-    ahead. (Speculative gating has no measured figure, so it is taken as reading nothing ahead.)"""
+    ahead. (Speculative gating has no measured figure, so it is taken as reading nothing ahead.)
+    Reads the file's header only."""
     path = Path(model_dir) / PREDICTOR_FILE
     if not path.is_file():
         return 0.0
-    routers = read_routers(catalogue, model)
     try:
-        pred = LinearPredictor.load(path, routers, model.args.num_experts_per_tok, 1)
+        meta, _ = LinearPredictor.header(path)
     except HeteroError:
         return 0.0
-    if pred.fingerprint != model_fingerprint(model_dir, routers):
+    if meta.get("fingerprint") != model_fingerprint(model_dir, read_routers(catalogue, model)):
         return 0.0
-    return float((pred.meta.get("heldout_recall") or {}).get("1") or 0.0)
+    return float(((meta.get("meta") or {}).get("heldout_recall") or {}).get("1") or 0.0)
 
 
 def sample_text() -> str:

@@ -187,6 +187,19 @@ HIT_TOKENS = 320  # tokens of a trace the cost model replays for cache hit share
 WARM_TOKENS = 64  # of them, the first ones only fill the cache: their compulsory misses are not counted
 
 
+def replay_window(trace, tokens: int = HIT_TOKENS):
+    """The middle `tokens` tokens of a trace (all of a shorter one): what hit_shares replays, and all
+    of the trace a loaded model needs to keep for its predictions."""
+    n = trace.num_tokens
+    if n <= tokens:
+        return trace
+    start = (n - tokens) // 2
+    part = trace.slice(start, start + tokens)
+    # copies, not views: a view would keep the whole trace's arrays alive in a loaded model
+    own = lambda d: None if d is None else {l: a.copy() for l, a in d.items()}  # noqa: E731
+    return type(trace)(part.num_experts, part.top_k, own(part.idx), own(part.w), own(part.x), part.meta)
+
+
 def hit_shares(trace, slots: int, population=None, policy: str = "score", frequencies=None,
                tokens: int = HIT_TOKENS, warm: int = WARM_TOKENS) -> dict:
     """Per expert, the share of its uses an expert cache of `slots` experts serves, replayed on a trace.
@@ -206,10 +219,7 @@ def hit_shares(trace, slots: int, population=None, policy: str = "score", freque
     Returns:
         {(layer, expert): share of its counted uses that hit}, for the keys used after the warm-up.
     """
-    n = trace.num_tokens
-    if n > tokens:
-        start = (n - tokens) // 2
-        trace = trace.slice(start, start + tokens)
+    trace = replay_window(trace, tokens)
     warm = min(warm, trace.num_tokens // 4)
     pol = make_policy(policy, frequencies if frequencies is not None else trace.frequencies(), trace.layers)
     held, cap = set(), max(0, int(slots))
