@@ -25,8 +25,10 @@ of compute by the plan's depth, the next token's first reads during lm_head, exp
 profile measured (when the machine is quiet, --wait-quiet) at the start of the run. On a shared
 machine the disk's speed drifts between that moment and each measurement (other work on the same
 disk), so each round also re-measures the cold read rates of the model's own file just before its
-tokens and predicts again with those disk tables ("err@now"): the profile's error minus the disk's
-drift, i.e. the model's structural error. --wait-quiet waits for other processes' CPU use and for
+tokens and predicts again with those disk tables and the decode matvec and per-layer overheads of
+the model's dtype and family measured again ("err@now"): the profile's error minus the machine's
+drift (on a shared host memory bandwidth moves by a third within minutes), i.e. the model's
+structural error. --wait-quiet waits for other processes' CPU use and for
 the disk's busy time (/proc/diskstats) to drop before the profile and before every measurement;
 "others" reports the CPU share and "disk" the disk busy share other work had just before measuring.
 Predicted and measured seconds the loop stalled on reads per token are printed side by side.
@@ -91,6 +93,19 @@ def generated(name: str) -> Path:
     model.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def compute_now(profile, desc) -> dict:
+    """The profile's cpu figures with this moment's decode matvec (the model's dtype) and its family's
+    overheads measured again (quick probes): the machine's memory bandwidth drifts on a shared host."""
+    from hetero.placement import overheads, probes
+
+    cpu = dict(profile.compute["cpu"])
+    name = str(desc.dtype).removeprefix("torch.")
+    cpu["matvec"] = {**cpu["matvec"], name: probes.matvec("cpu", desc.dtype, quick=True)}
+    mt = desc.args.model_type
+    cpu["overheads"] = {**cpu["overheads"], **overheads.measure("cpu", True, [mt])}
+    return {**profile.compute, "cpu": cpu}
 
 
 def routing_workload(base, path: Path):
@@ -248,9 +263,10 @@ def main():
             m = hetero.load_offloaded(paths[r["model"]], plan=r["plan"], log_fn=lambda *_: None)
             biggest = max(paths[r["model"]].glob("*.safetensors"), key=lambda f: f.stat().st_size)
             wait_quiet(args.wait_quiet)
+            desc = descs[r["model"]]
             disk = probes.disk_read(str(biggest), quick=True)  # this moment's cold reads, of this model's file
-            now = predict(descs[r["model"]], r["plan"], replace(profile, disk_read=disk),
-                          routing_workload(base, paths[r["model"]])[0]).decode_s_per_token
+            now_profile = replace(profile, disk_read=disk, compute=compute_now(profile, desc))
+            now = predict(desc, r["plan"], now_profile, routing_workload(base, paths[r["model"]])[0]).decode_s_per_token
             cpu, io = wait_quiet(args.wait_quiet)
             r.setdefault("busy", []).append(cpu)
             r.setdefault("disk_busy", []).append(io)
@@ -283,7 +299,7 @@ def report(runs, profile, args):
     head = (f"{'model':<9}{'scenario':<16}{'planner':<8}{'RAM budget':>11}{'cpu / disk':>22}{'pred ms':>9}{'meas ms':>9}"
             f"{'spread':>8}{'error':>8}{'err@now':>8}{'stall p/m ms':>14}{'others':>8}{'disk':>6}  bottleneck")
     print(head)
-    print("(spread: (slowest - fastest round) / median; err@now: predicted with the disk re-measured just before "
+    print("(spread: (slowest - fastest round) / median; err@now: predicted with the disk, matvec and overheads re-measured just before "
           "each round; stall: seconds per token the loop waited for reads, predicted / measured; others, disk: "
           "CPU share other processes used and disk busy share just before measuring)")
     cost = [r for r in runs if r["planner"] == "cost"]
@@ -299,7 +315,7 @@ def report(runs, profile, args):
     now = [abs(r["error_now"]) for r in distinct]
     ram = [abs(r["error"]) for r in distinct if r["resident"]["disk"] == 0]
     print(f"|error| over {len(errs)} distinct plans: median {100 * statistics.median(errs):.1f}%, worst {100 * max(errs):.1f}%; "
-          f"with the disk re-measured at each round: median {100 * statistics.median(now):.1f}%, worst {100 * max(now):.1f}%; "
+          f"with the machine re-measured at each round: median {100 * statistics.median(now):.1f}%, worst {100 * max(now):.1f}%; "
           f"plans all in RAM: worst {100 * max(ram):.1f}%")
     print("planner vs greedy, measured at the same budgets:")
     for r in cost:
