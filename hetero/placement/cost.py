@@ -423,7 +423,7 @@ def replayed_weights(t: Tables, plan: Plan, trace, policy: str = "score") -> np.
         pop = frozenset(below.values())
         memo = (id(trace), policy, slots, pop)
         if memo not in _HITS or _HITS[memo][0] is not trace:  # (the trace is kept, so its id stays its own)
-            if len(_HITS) > 64:
+            if len(_HITS) >= 8:  # a few plans of a few models: each entry keeps its trace window alive
                 _HITS.clear()
             _HITS[memo] = (trace, hit_shares(trace, slots, pop, policy))
         shares = _HITS[memo][1]
