@@ -8,7 +8,6 @@ import glob
 import time
 from pathlib import Path
 
-
 from ..errors import HeteroError
 from .calibrate import calibrate, recall
 from .predictor import PREDICTOR_FILE, LinearPredictor, SpeculativeGating, model_fingerprint, read_routers

@@ -194,10 +194,7 @@ def replay_window(trace, tokens: int = HIT_TOKENS):
     if n <= tokens:
         return trace
     start = (n - tokens) // 2
-    part = trace.slice(start, start + tokens)
-    # copies, not views: a view would keep the whole trace's arrays alive in a loaded model
-    own = lambda d: None if d is None else {l: a.copy() for l, a in d.items()}  # noqa: E731
-    return type(trace)(part.num_experts, part.top_k, own(part.idx), own(part.w), own(part.x), part.meta)
+    return trace.slice(start, start + tokens, copy=True)  # a view would keep the whole trace alive in a loaded model
 
 
 def hit_shares(trace, slots: int, population=None, policy: str = "score", frequencies=None,

@@ -76,9 +76,11 @@ class RoutingTrace:
             out[i] = np.bincount(self.idx[l].reshape(-1).astype(np.int64), minlength=self.num_experts) / n
         return out
 
-    def slice(self, start: int, stop: int) -> "RoutingTrace":
-        """Tokens [start, stop) as a new trace (e.g. to fit on one part and measure on another)."""
-        sl = lambda d: None if d is None else {l: a[start:stop] for l, a in d.items()}  # noqa: E731
+    def slice(self, start: int, stop: int, copy: bool = False) -> "RoutingTrace":
+        """Tokens [start, stop) as a new trace (e.g. to fit on one part and measure on another): views of
+        this one's arrays, or copies that do not keep the whole trace alive (copy=True)."""
+        sl = lambda d: None if d is None else {l: a[start:stop].copy() if copy else a[start:stop]  # noqa: E731
+                                               for l, a in d.items()}
         return RoutingTrace(self.num_experts, self.top_k, sl(self.idx), sl(self.w), sl(self.x), self.meta)
 
     def save(self, path) -> Path:
