@@ -18,6 +18,7 @@ import statistics
 import time
 from contextlib import contextmanager
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -269,8 +270,10 @@ def matvec(device: str, dtype: torch.dtype, quick: bool) -> list:
 
     Each width runs over a pool of 4 MiB matrices larger than the caches, so the weights stream from memory.
     """
-    # twice the last-level cache on the cpu (a VM may report a 300 MiB one), past a gpu's L2
-    pool_bytes = min(1024 * MiB, max((64 if quick else 128) * MiB, 2 * last_level_cache_bytes())) \
+    # twice the last-level cache on the cpu (a VM may report a 300 MiB one), past a gpu's L2; never more
+    # than an eighth of the free RAM (a small machine profiles on first load)
+    ram = psutil.virtual_memory().available // 8
+    pool_bytes = min(1024 * MiB, ram, max((64 if quick else 128) * MiB, 2 * last_level_cache_bytes())) \
         if device == "cpu" else 1024 * MiB
     rows = []
     for cols in MATVEC_COLS:
