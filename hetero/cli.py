@@ -400,14 +400,17 @@ def profile(disk_dir, refresh, as_json):
 @click.option("--new-tokens", default=128, show_default=True, help="Answer length the prediction assumes.")
 @click.option("--profile", "profile_file", type=click.Path(), help="A profile JSON (`hetero profile --json`) instead of this machine's.")
 @click.option("--save", type=click.Path(), help="Write the plan JSON here, for `hetero run --plan`.")
+@click.option("--trace", "trace_file", type=click.Path(),
+              help="MoE: a routing trace of this model (`hetero trace`): place experts and predict caches by it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens, profile_file, save, as_json):
+def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens, profile_file, save, trace_file,
+          as_json):
     """Plan MODEL's placement and predict its speed, from config.json and safetensors headers only (no weights read)."""
     from .placement.summary import plan_command
 
     say = (lambda *_: None) if as_json else (lambda m: err.print(m, markup=False))
     data, plan, rows = plan_command(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens,
-                                    profile_file, log=say)
+                                    profile_file, log=say, trace_file=trace_file)
     if save:
         plan.save(save)
     if as_json:

@@ -93,3 +93,47 @@ def test_headers_and_config_only_describe_the_same_model(tmp_path):
         a, b = describe_dir(ckpt), describe_dir(bare, "float32")
         assert [(g.name, g.nbytes) for g in a.groups] == [(g.name, g.nbytes) for g in b.groups]
         assert a.source == "checkpoint" and b.source == "config"
+
+
+def _trace_file(path, layers, E, k, local: bool):
+    """A routing trace: each token picks k experts per layer; `local`: the same ones for 40 tokens in a row."""
+    import numpy as np
+
+    from hetero.experts.trace import RoutingTrace
+
+    N = 400
+    rows = [[(t // 40 * k + j) % E if local else (t * 3 + j * 5) % E for j in range(k)] for t in range(N)]
+    idx = {l: np.array(rows, dtype=np.int64) for l in layers}
+    w = {l: np.full((N, k), 1 / k, np.float32) for l in layers}
+    RoutingTrace(E, k, idx, w).save(path)
+    return path
+
+
+def test_a_routing_trace_places_experts_and_predicts_the_caches(tmp_path, capsys, profile_file):
+    d = _config_dir(tmp_path, "Mixtral-8x7B")  # 32 MoE layers, 8 experts, top-2
+    base = ["--ram", "40GB", "--context", "1024", "--json", "--profile", profile_file]
+    code, out, err = _plan(capsys, d, *base)
+    assert code == 0, err
+    plain = json.loads(out)
+    runs = {}
+    for local in (True, False):
+        t = _trace_file(tmp_path / f"trace-{local}.safetensors", range(32), 8, 2, local)
+        code, out, err = _plan(capsys, d, *base, "--trace", t)
+        assert code == 0, err
+        runs[local] = json.loads(out)
+        assert any("routing trace" in n for n in runs[local]["notes"])
+    # the caches replayed on a trace whose tokens reuse their experts serve more than on one that never does
+    assert runs[True]["predicted"]["decode_s_per_token"] < runs[False]["predicted"]["decode_s_per_token"]
+    assert plain["predicted"]["decode_s_per_token"] != runs[True]["predicted"]["decode_s_per_token"]
+
+
+def test_a_trace_of_another_model_is_refused_in_one_line(tmp_path, capsys, profile_file):
+    d = _config_dir(tmp_path, "Mixtral-8x7B")
+    t = _trace_file(tmp_path / "t.safetensors", range(32), 4, 2, True)
+    code, out, err = _plan(capsys, d, "--ram", "40GB", "--profile", profile_file, "--trace", t)
+    assert code == 2 and "4 experts" in err and "8 experts" in err and len(err.strip().splitlines()) == 1
+    dense = _config_dir(tmp_path, "Llama-3-70B")
+    code, out, err = _plan(capsys, dense, "--ram", "40GB", "--profile", profile_file, "--trace", t)
+    assert code == 2 and "dense model" in err
+    code, out, err = _plan(capsys, d, "--ram", "40GB", "--profile", profile_file, "--trace", tmp_path / "missing")
+    assert code == 2 and "no such routing trace" in err

@@ -1,7 +1,9 @@
 """`hetero plan`: plan a model from its config and headers alone, and say what fits and how fast it will run."""
 
 from collections import Counter
+from dataclasses import replace
 
+from ..experts.replay import replay_window
 from ..sizes import format_size
 from .cost import Speeds, Workload, predict, tables
 from .describe import ModelDesc
@@ -113,11 +115,36 @@ def report(desc: ModelDesc, plan: Plan, prediction, workload: Workload, compute_
     }
 
 
+def _matching_trace(trace_file, desc: ModelDesc):
+    """The RoutingTrace in `trace_file`; HeteroError unless its MoE layers, experts and top-k are desc's."""
+    from ..errors import HeteroError
+    from ..experts.trace import RoutingTrace
+
+    trace = RoutingTrace.load(trace_file)
+    layers = sorted({g.layer for g in desc.groups if g.kind == "expert"})
+    if not layers:
+        raise HeteroError(f"--trace {trace_file}: {desc.args.model_type} is a dense model; routing traces are for MoE models")
+    E = 1 + max(g.expert for g in desc.groups if g.kind == "expert")
+    mine = (layers, E, desc.args.num_experts_per_tok)
+    theirs = (list(trace.layers), trace.num_experts, trace.top_k)
+    if mine != theirs:
+        raise HeteroError(f"--trace {trace_file}: recorded on MoE layers {_span(theirs[0])}, {theirs[1]} experts, top-{theirs[2]}; "
+                          f"this model has layers {_span(layers)}, {E} experts, top-{mine[2]}")
+    return trace
+
+
+def _span(layers: list) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers else "none"
+
+
 def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=None, planner="cost",
-                 prompt_tokens=128, new_tokens=128, profile_file=None, log=None):
+                 prompt_tokens=128, new_tokens=128, profile_file=None, log=None, trace_file=None):
     """What `hetero plan` computes: (report dict, plan, table rows). Reads config.json and headers only.
 
     Budgets default as when loading: the accelerator's memory, 80% of the RAM available now.
+    trace_file: a routing trace (`hetero trace`) of this MoE model: experts are placed by its
+    frequencies and the expert caches replayed on it, as loading does with a trace beside the model.
+    (Nothing ties it to these weights here — none are read — so only its shape is checked.)
     """
     import psutil
 
@@ -151,9 +178,13 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     if context is not None and not 0 < context <= max_ctx:
         raise HeteroError(f"--context {context}: this model supports 1 to {max_ctx} tokens")
     workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu=None if kind != "fake-gpu" else "fake-gpu")
+    if trace_file is not None:
+        trace = _matching_trace(trace_file, desc)
+        workload = replace(workload, expert_freq=trace.frequencies(), routing_trace=replay_window(trace))
+        notes.append(f"experts placed by the routing trace {trace_file} ({trace.num_tokens} tokens)")
     budgets = {"gpu": vram_b if compute == "gpu" else None, "cpu": ram_b}
     plan, prediction = make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None,
-                                 profile, workload, planner)
+                                 profile, workload, planner, routing_known=trace_file is not None)
     if context is None and plan.kv_tokens < min(4096, max_ctx):
         notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
     label = Speeds(profile, compute, workload).label
