@@ -96,13 +96,14 @@ def generated(name: str) -> Path:
 
 
 def compute_now(profile, desc) -> dict:
-    """The profile's cpu figures with this moment's decode matvec (the model's dtype) and its family's
+    """The profile's cpu figures with this moment's decode matvec and its fixed cost per call (the model's dtype) and its family's
     overheads measured again (quick probes): the machine's memory bandwidth drifts on a shared host."""
     from hetero.placement import overheads, probes
 
     cpu = dict(profile.compute["cpu"])
     name = str(desc.dtype).removeprefix("torch.")
     cpu["matvec"] = {**cpu["matvec"], name: probes.matvec("cpu", desc.dtype, quick=True)}
+    cpu["matvec_call_s"] = {**cpu.get("matvec_call_s", {}), name: probes.matvec_call("cpu", desc.dtype, quick=True)}
     mt = desc.args.model_type
     cpu["overheads"] = {**cpu["overheads"], **overheads.measure("cpu", True, [mt])}
     return {**profile.compute, "cpu": cpu}

@@ -221,3 +221,19 @@ def test_experts_the_predictor_reads_ahead_overlap_compute():
     demand, ahead = (predict(desc, plan, p, Workload(expert_recall=r)) for r in (0.0, 0.9))
     assert ahead.decode_s_per_token < demand.decode_s_per_token
     assert ahead.streams["disk"] == pytest.approx(demand.streams["disk"])  # the same reads, hidden better
+
+
+def test_each_matvec_call_pays_its_fixed_cost_and_the_table_size_keeps_its_rate():
+    from hetero.placement.cost import Speeds
+
+    p = synthetic_profile()
+    cpu = dict(p.compute["cpu"], matvec_call_s={"float32": 40e-6}, matvec_bytes=4 * 2**20)
+    sp = Speeds(dataclasses.replace(p, compute={**p.compute, "cpu": cpu}), "cpu", Workload())
+    rate = 12e9  # synthetic_profile's float32 rate at 4096 columns
+    assert sp.mv(4 * 2**20, 4096, "float32") == pytest.approx(4 * 2**20 / rate)  # as measured
+    small = sp.mv(2**18, 4096, "float32")
+    assert small > 2**18 / rate and small == pytest.approx(2**18 * (1 / rate - 40e-6 / 2**22) + 40e-6)
+    assert sp.mv(2**18, 4096, "float32", calls=3) == pytest.approx(small + 80e-6)
+    assert sp.mv(2**18, 4096, "float32", calls=0) == pytest.approx(small - 40e-6)
+    # a profile without the figure: the table's rate alone
+    assert Speeds(p, "cpu", Workload()).mv(2**18, 4096, "float32") == pytest.approx(2**18 / rate)

@@ -34,7 +34,7 @@ def lookahead(miss_s: float, layer_s: float, most: int = MAX_LOOKAHEAD) -> int:
 def ffn_s(sp: Speeds, C: int, I: int, item: int, dtype: str, n: int, overhead: float) -> float:
     """Seconds of one SwiGLU expert over n tokens on `sp`'s device: the weights through the measured
     matvec (gate, up: C wide; down: I wide) or matmul, whichever bounds it."""
-    mv = sp.mv(2 * I * C * item, C, dtype) + sp.mv(I * C * item, I, dtype)
+    mv = sp.mv(2 * I * C * item, C, dtype, calls=2) + sp.mv(I * C * item, I, dtype)  # gate and up, down
     mm = 2 * n * 3 * I * C / sp.matmul[dtype]
     return max(mv, mm) + overhead
 

@@ -94,6 +94,8 @@ class Speeds:
         self.matmul, self.op_s, self.overheads = c["matmul_flops"], c["op_s"], c["overheads"]
         self._mv = {dt: (np.log2([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=float))
                     for dt, rows in c["matvec"].items()}
+        self._call = c.get("matvec_call_s") or {}  # (a profile without it: the table's rates alone)
+        self._table_bytes = float(c.get("matvec_bytes", 4 * 2**20))  # the matrix size the table was measured at
         d = profile.disk_read
         # a profile from before the pool probe: its O_DIRECT (else buffered) figures stand in
         self._direct = _table(d.get("direct") or d["buffered"])
@@ -109,10 +111,15 @@ class Speeds:
             self._memo[key] = _interp(table, n)
         return self._memo[key]
 
-    def mv(self, nbytes: float, cols: int, dtype: str) -> float:
-        """Seconds of a decode matvec over `nbytes` of weights whose rows are `cols` wide (bandwidth interpolated in log width)."""
+    def mv(self, nbytes: float, cols: int, dtype: str, calls: int = 1) -> float:
+        """Seconds of `calls` decode matvecs over `nbytes` of weights in all, rows `cols` wide: the bytes at the
+        streaming rate (the table's rate, interpolated in log width, less its one call per matrix) plus each
+        call's fixed cost (calls=0: a kernel whose fixed cost is counted elsewhere, e.g. attention's)."""
         logk, bps = self._mv[dtype]
-        return nbytes / float(np.interp(np.log2(max(1, cols)), logk, bps))
+        rate = float(np.interp(np.log2(max(1, cols)), logk, bps))
+        call = float(self._call.get(dtype, 0.0))
+        per_byte = max(0.5 / rate, 1 / rate - call / self._table_bytes)
+        return nbytes * per_byte + calls * call
 
     def pool(self, n: int) -> float:
         """Seconds of reading one n-byte extent through the reader pool, in a stream of such reads."""
@@ -353,7 +360,7 @@ def _fixed(sp: Speeds, desc, workload: Workload, probs: dict):
             ps = [p for (layer, _), p in probs.items() if layer == l]
             ffn_d = o.get("moe", 0.0) + sum(ps) * o.get("expert", 0.0)
             ffn_p = o.get("moe", 0.0) + sum(1 - (1 - p) ** P for p in ps) * o.get("expert", 0.0)
-        attn_d = sp.mv(kv_row * ctx, a.head_dim, dt)
+        attn_d = sp.mv(kv_row * ctx, a.head_dim, dt, calls=0)  # SDPA's own fixed cost is in o["attn"]
         attn_p = 2 * a.num_attention_heads * a.head_dim * P * min(P, window or P) / sp.matmul[dt]
         fd[l + 1, COMP] = o["attn"] + ffn_d + attn_d
         fp[l + 1, COMP] = o["attn"] + ffn_p + attn_p

@@ -24,7 +24,7 @@ from ..errors import HeteroError
 from ..sizes import format_size
 from . import probes
 
-VERSION = 6  # bump when what is measured, or how, changes: older caches are then re-measured
+VERSION = 7  # bump when what is measured, or how, changes: older caches are then re-measured
 _FILE = "profile.json"
 
 
@@ -41,7 +41,8 @@ class Profile:
         host_clone: table of copies into fresh host tensors (fake-gpu transfers, dtype conversion).
         ram_read_bps: memcpy between existing buffers.
         host_to_device: {"pageable": table, "pinned": table, "device_to_host_bps": float} or None.
-        compute: device ("cpu", "cuda") -> {"matvec": {dtype: [[input width, bytes/s], ...]}, "matmul_flops": {dtype: flop/s},
+        compute: device ("cpu", "cuda") -> {"matvec": {dtype: [[input width, bytes/s], ...]},
+            "matvec_bytes": the size of the matrices it was measured on, "matvec_call_s": {dtype: fixed seconds per matvec call}, "matmul_flops": {dtype: flop/s},
             "op_s": seconds per extra op, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "step"}}}.
     """
 
@@ -185,9 +186,11 @@ def _compute(device: str, quick: bool) -> dict:
 
     with torch.inference_mode():
         mv = {name: probes.matvec(device, dt, quick) for name, dt in probes.DTYPES.items()}
+        call = {name: probes.matvec_call(device, dt, quick) for name, dt in probes.DTYPES.items()}
         mm = {name: probes.matmul(device, dt, quick) for name, dt in probes.DTYPES.items()}
         op = probes.op_overhead(device)
-    return {"matvec": mv, "matmul_flops": mm, "op_s": op, "overheads": overheads.measure(device, quick)}
+    return {"matvec": mv, "matvec_bytes": probes.MATVEC_BYTES, "matvec_call_s": call, "matmul_flops": mm, "op_s": op,
+            "overheads": overheads.measure(device, quick)}
 
 
 def get_profile(disk_dir=None, refresh: bool = False, quick: bool = False, log=None) -> Profile:
@@ -242,6 +245,9 @@ def profile_rows(p: Profile) -> list[tuple[str, str]]:
     for dev, c in p.compute.items():
         for k, table in c["matvec"].items():
             rows.append((f"{dev} decode matvec {k} (GB/s of weights by input width)", ", ".join(f"{w} {v / 1e9:.2f}" for w, v in table)))
+        if c.get("matvec_call_s"):
+            rows.append((f"{dev} decode matvec, fixed cost per call (us)",
+                         ", ".join(f"{k} {v * 1e6:.1f}" for k, v in c["matvec_call_s"].items())))
         rows.append((f"{dev} prefill matmul (GFLOP/s)", ", ".join(f"{k} {v / 1e9:.1f}" for k, v in c["matmul_flops"].items())))
         rows.append((f"{dev} per-op overhead", f"{c['op_s'] * 1e6:.1f} us"))
         for mt, o in c["overheads"].items():

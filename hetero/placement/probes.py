@@ -265,30 +265,54 @@ def last_level_cache_bytes() -> int:
     return best or 32 * MiB
 
 
+MATVEC_BYTES = 4 * MiB  # matrix size of the matvec table's rows
+CALL_PROBE_BYTES = MiB // 4  # the small matrices matvec_call compares them with
+
+
+def _pool_bytes(device: str, quick: bool) -> int:
+    # twice the last-level cache on the cpu (a VM may report a 300 MiB one), past a gpu's L2; never more
+    # than an eighth of the free RAM (a small machine profiles on first load)
+    if device != "cpu":
+        return 1024 * MiB
+    ram = psutil.virtual_memory().available // 8
+    return min(1024 * MiB, ram, max((64 if quick else 128) * MiB, 2 * last_level_cache_bytes()))
+
+
+def _matvec_call_s(device: str, dtype: torch.dtype, cols: int, nbytes: int, quick: bool) -> float:
+    """Median seconds of one [1, cols] @ [N, cols]^T over a pool of `nbytes` matrices larger than the caches."""
+    n_rows = max(8, nbytes // (cols * dtype.itemsize))
+    n = max(2, _pool_bytes(device, quick) // (n_rows * cols * dtype.itemsize))
+    ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n)]
+    x = torch.full((1, cols), 0.01, dtype=dtype, device=device)
+
+    def sweep():
+        for w in ws:
+            linear(x, w)  # as the models compute a decoded token
+
+    return _timed_loop(sweep, device, 0.05 if quick else 0.15) / n
+
+
 def matvec(device: str, dtype: torch.dtype, quick: bool) -> list:
     """Weight bytes per second of [1, K] @ [N, K]^T by input width K, as [[K, bytes/s], ...].
 
-    Each width runs over a pool of 4 MiB matrices larger than the caches, so the weights stream from memory.
+    Each width runs over a pool of MATVEC_BYTES matrices larger than the caches, so the weights stream from memory.
     """
-    # twice the last-level cache on the cpu (a VM may report a 300 MiB one), past a gpu's L2; never more
-    # than an eighth of the free RAM (a small machine profiles on first load)
-    ram = psutil.virtual_memory().available // 8
-    pool_bytes = min(1024 * MiB, ram, max((64 if quick else 128) * MiB, 2 * last_level_cache_bytes())) \
-        if device == "cpu" else 1024 * MiB
     rows = []
     for cols in MATVEC_COLS:
-        n_rows = max(64, 4 * MiB // (cols * dtype.itemsize))
-        n = max(2, pool_bytes // (n_rows * cols * dtype.itemsize))
-        ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n)]
-        x = torch.full((1, cols), 0.01, dtype=dtype, device=device)
-
-        def sweep():
-            for w in ws:
-                linear(x, w)  # as the models compute a decoded token
-
-        per = _timed_loop(sweep, device, 0.05 if quick else 0.15)
-        rows.append([cols, n * n_rows * cols * dtype.itemsize / per])
+        n_rows = max(64, MATVEC_BYTES // (cols * dtype.itemsize))
+        rows.append([cols, n_rows * cols * dtype.itemsize / _matvec_call_s(device, dtype, cols, MATVEC_BYTES, quick)])
     return rows
+
+
+def matvec_call(device: str, dtype: torch.dtype, quick: bool) -> float:
+    """Fixed seconds of one matvec call beyond its bytes (starting the parallel region, the output):
+    from the time per call of MATVEC_BYTES and of CALL_PROBE_BYTES matrices, as time = bytes / rate + call.
+    What makes a model's small matrices (attention projections, fine-grained experts) slower per byte."""
+    cols = 1024
+    big = _matvec_call_s(device, dtype, cols, MATVEC_BYTES, quick)
+    small = _matvec_call_s(device, dtype, cols, CALL_PROBE_BYTES, quick)
+    r = CALL_PROBE_BYTES / MATVEC_BYTES
+    return min(small, max(0.0, (small - big * r) / (1 - r)))
 
 
 def matmul(device: str, dtype: torch.dtype, quick: bool) -> float:
