@@ -102,8 +102,9 @@ def compute_now(profile, desc) -> dict:
 
     cpu = dict(profile.compute["cpu"])
     name = str(desc.dtype).removeprefix("torch.")
-    cpu["matvec"] = {**cpu["matvec"], name: probes.matvec("cpu", desc.dtype, quick=True)}
-    cpu["matvec_call_s"] = {**cpu.get("matvec_call_s", {}), name: probes.matvec_call("cpu", desc.dtype, quick=True)}
+    table = probes.matvec("cpu", desc.dtype, quick=True)
+    cpu["matvec"] = {**cpu["matvec"], name: table}
+    cpu["matvec_call_s"] = {**cpu.get("matvec_call_s", {}), name: probes.matvec_call("cpu", desc.dtype, True, table)}
     mt = desc.args.model_type
     cpu["overheads"] = {**cpu["overheads"], **overheads.measure("cpu", True, [mt])}
     return {**profile.compute, "cpu": cpu}

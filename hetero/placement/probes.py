@@ -304,12 +304,19 @@ def matvec(device: str, dtype: torch.dtype, quick: bool) -> list:
     return rows
 
 
-def matvec_call(device: str, dtype: torch.dtype, quick: bool) -> float:
+def matvec_call(device: str, dtype: torch.dtype, quick: bool, table: list | None = None) -> float:
     """Fixed seconds of one matvec call beyond its bytes (starting the parallel region, the output):
     from the time per call of MATVEC_BYTES and of CALL_PROBE_BYTES matrices, as time = bytes / rate + call.
-    What makes a model's small matrices (attention projections, fine-grained experts) slower per byte."""
+    What makes a model's small matrices (attention projections, fine-grained experts) slower per byte.
+
+    Args:
+        table: matvec()'s result for this device and dtype, whose 1024-wide row is reused for the
+            large matrices (else they are timed here too).
+    """
     cols = 1024
-    big = _matvec_call_s(device, dtype, cols, MATVEC_BYTES, quick)
+    row = next((r for r in table or () if r[0] == cols), None)
+    big_bytes = max(64, MATVEC_BYTES // (cols * dtype.itemsize)) * cols * dtype.itemsize
+    big = big_bytes / row[1] if row else _matvec_call_s(device, dtype, cols, MATVEC_BYTES, quick)
     small = _matvec_call_s(device, dtype, cols, CALL_PROBE_BYTES, quick)
     r = CALL_PROBE_BYTES / MATVEC_BYTES
     return min(small, max(0.0, (small - big * r) / (1 - r)))
