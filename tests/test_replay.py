@@ -115,3 +115,12 @@ def test_replay_window_is_the_middle_and_owns_its_arrays():
     assert w.num_tokens == 10 and w.idx[0][:, 0].tolist() == [t % 4 for t in range(45, 55)]
     assert w.idx[0].base is None and w.w[0].base is None  # not views keeping the whole trace alive
     assert replay_window(tr, 500) is tr
+
+
+def test_hit_shares_replays_fewer_tokens_when_misses_would_scan_a_big_cache(monkeypatch):
+    from hetero.experts import replay as rp
+
+    tr = _trace([[[t]] for t in range(100)], E=100)  # token t uses expert t: each key once
+    assert len(hit_shares(tr, 50, warm=0)) == 100  # all 100 tokens (fewer than HIT_TOKENS)
+    monkeypatch.setattr(rp, "REPLAY_WORK", 1)
+    assert len(hit_shares(tr, 50, warm=0)) == rp.MIN_HIT_TOKENS  # the middle MIN_HIT_TOKENS only

@@ -185,6 +185,8 @@ def compare(trace, policies=POLICIES, resident: float = 0.3, scope: str = "globa
 
 HIT_TOKENS = 320  # tokens of a trace the cost model replays for cache hit shares (~1-3 s of Python)
 WARM_TOKENS = 64  # of them, the first ones only fill the cache: their compulsory misses are not counted
+REPLAY_WORK = 2e6  # most (accesses x cache slots) one replay may cost: a miss looks at every slot
+MIN_HIT_TOKENS = 16  # ... but never fewer tokens than this
 
 
 def replay_window(trace, tokens: int = HIT_TOKENS):
@@ -205,7 +207,8 @@ def hit_shares(trace, slots: int, population=None, policy: str = "score", freque
     cache's tier for this share of its uses and as its home tier for the rest. Only experts in
     `population` (the ones the cache holds, those homed below its tier) pass through the cache; the
     others are not looked up in it. The replay runs the trace's middle `tokens` tokens (counting
-    after the first `warm`, once the cache has filled).
+    after the first `warm`, once the cache has filled), fewer when a miss's scan over the slots
+    would make that more than REPLAY_WORK.
 
     Args:
         trace: a RoutingTrace.
@@ -216,6 +219,9 @@ def hit_shares(trace, slots: int, population=None, policy: str = "score", freque
     Returns:
         {(layer, expert): share of its counted uses that hit}, for the keys used after the warm-up.
     """
+    # a big MoE with a big cache: fewer tokens, so that loading never spends minutes here
+    per_token = max(1, len(trace.layers) * trace.top_k * max(1, int(slots)))
+    tokens = max(MIN_HIT_TOKENS, min(tokens, int(REPLAY_WORK / per_token)))
     trace = replay_window(trace, tokens)
     warm = min(warm, trace.num_tokens // 4)
     pol = make_policy(policy, frequencies if frequencies is not None else trace.frequencies(), trace.layers)
