@@ -21,8 +21,8 @@ DEPTH_BUDGET_SHARE = 0.125
 # tier's free budget, never more than EXPERT_CACHE_MAX_SHARE of it — a byte of cache serves
 # whichever experts the routing wants now, a byte of resident expert only the one placed there.
 # The share is EXPERT_CACHE_SHARE when a routing trace placed the homes by frequency, and
-# EXPERT_CACHE_MAX_SHARE when homes could only be placed on a uniform prior: decoding the widened
-# MoE fixture (benchmarks/moe_offload.py, 654 MiB of RAM) took 0.48 s/token with 28 slots, 0.38 with 90.
+# EXPERT_CACHE_MAX_SHARE when homes could only be placed on a uniform prior (then the cache is what
+# follows the routing; compare the hetero and hetero-calibrated contenders of benchmarks/moe_offload.py).
 EXPERT_CACHE_SHARE = 0.1
 EXPERT_CACHE_MAX_SHARE = 0.5
 
