@@ -104,7 +104,7 @@ def compute_now(profile, desc) -> dict:
     name = str(desc.dtype).removeprefix("torch.")
     table = probes.matvec("cpu", desc.dtype, quick=True)
     cpu["matvec"] = {**cpu["matvec"], name: table}
-    cpu["matvec_call_s"] = {**cpu.get("matvec_call_s", {}), name: probes.matvec_call("cpu", desc.dtype, True, table)}
+    cpu["matvec_call_s"] = {**cpu.get("matvec_call_s", {}), name: probes.matvec_call("cpu", desc.dtype, True)}
     mt = desc.args.model_type
     cpu["overheads"] = {**cpu["overheads"], **overheads.measure("cpu", True, [mt])}
     return {**profile.compute, "cpu": cpu}

@@ -24,7 +24,7 @@ from ..errors import HeteroError
 from ..sizes import format_size
 from . import probes
 
-VERSION = 7  # bump when what is measured, or how, changes: older caches are then re-measured
+VERSION = 8  # bump when what is measured, or how, changes: older caches are then re-measured
 _FILE = "profile.json"
 
 
@@ -186,7 +186,7 @@ def _compute(device: str, quick: bool) -> dict:
 
     with torch.inference_mode():
         mv = {name: probes.matvec(device, dt, quick) for name, dt in probes.DTYPES.items()}
-        call = {name: probes.matvec_call(device, dt, quick, mv[name]) for name, dt in probes.DTYPES.items()}
+        call = {name: probes.matvec_call(device, dt, quick) for name, dt in probes.DTYPES.items()}
         mm = {name: probes.matmul(device, dt, quick) for name, dt in probes.DTYPES.items()}
         op = probes.op_overhead(device)
     return {"matvec": mv, "matvec_bytes": probes.MATVEC_BYTES, "matvec_call_s": call, "matmul_flops": mm, "op_s": op,

@@ -18,6 +18,7 @@ import statistics
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
@@ -266,7 +267,8 @@ def last_level_cache_bytes() -> int:
 
 
 MATVEC_BYTES = 4 * MiB  # matrix size of the matvec table's rows
-CALL_PROBE_BYTES = MiB // 4  # the small matrices matvec_call compares them with
+CALL_SIZES = (MiB // 4, MiB // 2, MiB, 2 * MiB, 4 * MiB)  # matvec_call fits its intercept over these
+CALL_ROUNDS = 6
 
 
 def _pool_bytes(device: str, quick: bool) -> int:
@@ -304,22 +306,47 @@ def matvec(device: str, dtype: torch.dtype, quick: bool) -> list:
     return rows
 
 
-def matvec_call(device: str, dtype: torch.dtype, quick: bool, table: list | None = None) -> float:
+def matvec_call(device: str, dtype: torch.dtype, quick: bool) -> float:
     """Fixed seconds of one matvec call beyond its bytes (starting the parallel region, the output):
-    from the time per call of MATVEC_BYTES and of CALL_PROBE_BYTES matrices, as time = bytes / rate + call.
+    the intercept of time = bytes / rate + call, fitted over matrices of CALL_SIZES 1024 wide.
     What makes a model's small matrices (attention projections, fine-grained experts) slower per byte.
 
-    Args:
-        table: matvec()'s result for this device and dtype, whose 1024-wide row is reused for the
-            large matrices (else they are timed here too).
+    The sizes are timed in turn, round after round, and each round is fitted on its own: a shared
+    host's memory bandwidth drifts from one second to the next, and sizes timed at different moments
+    (the table's rows, then a small probe) gave intercepts that were off by half. The median round's.
     """
     cols = 1024
-    row = next((r for r in table or () if r[0] == cols), None)
-    big_bytes = max(64, MATVEC_BYTES // (cols * dtype.itemsize)) * cols * dtype.itemsize
-    big = big_bytes / row[1] if row else _matvec_call_s(device, dtype, cols, MATVEC_BYTES, quick)
-    small = _matvec_call_s(device, dtype, cols, CALL_PROBE_BYTES, quick)
-    r = CALL_PROBE_BYTES / MATVEC_BYTES
-    return min(small, max(0.0, (small - big * r) / (1 - r)))
+    pool = _pool_bytes(device, quick) // len(CALL_SIZES)  # each round sweeps every size's pool once
+    sets = []
+    for nbytes in CALL_SIZES:
+        n_rows = max(8, nbytes // (cols * dtype.itemsize))
+        n = max(2, pool // (n_rows * cols * dtype.itemsize))
+        sets.append((n_rows * cols * dtype.itemsize,
+                     [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n)]))
+    x = torch.full((1, cols), 0.01, dtype=dtype, device=device)
+
+    def per_call(ws) -> float:
+        t0 = time.perf_counter()
+        for w in ws:
+            linear(x, w)  # as the models compute a decoded token
+        _sync(device)
+        return (time.perf_counter() - t0) / len(ws)
+
+    for _, ws in sets:
+        per_call(ws)  # warm-up
+    rounds = [[per_call(ws) for _, ws in sets] for _ in range(CALL_ROUNDS if quick else 2 * CALL_ROUNDS)]
+    return call_intercept([b for b, _ in sets], rounds)
+
+
+def call_intercept(sizes, rounds) -> float:
+    """The median over rounds of each round's fitted intercept of time = bytes / rate + call (>= 0).
+
+    Args:
+        sizes: matrix bytes [n].
+        rounds: seconds per call, [rounds][n], the sizes of one round timed one after the other.
+    """
+    x = np.asarray(sizes, dtype=float)
+    return statistics.median(max(0.0, float(np.polyfit(x, np.asarray(t, dtype=float), 1)[1])) for t in rounds)
 
 
 def matmul(device: str, dtype: torch.dtype, quick: bool) -> float:
