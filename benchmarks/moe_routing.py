@@ -11,7 +11,9 @@
    next layers applied to the current MoE input): per layer, average and worst layer.
 3. Replays the eval trace through a cache holding `--resident` of all experts: score, lru, static
    (frequencies from the calibration trace, not the replayed one) and Belady's optimum; hit rate by
-   bytes.
+   bytes. One more row is a reference, not a policy: score with the experts of the next token's every
+   layer protected as if predicted without error, to show how much of the gap to Belady is the
+   future no online policy sees.
 Targets (issue 5): recall at 1 ahead >= 90% on average, worst layer >= 80%; score >= 70% by bytes,
 within 5 points of Belady and >= 10 above LRU. Prints tables and writes
 benchmarks/results/moe_routing.json. Timings are of a shared 2-core machine: noisy.
@@ -126,11 +128,15 @@ def main():
     reps = {}
     for scope in scopes:
         reps[scope] = [replay(evalt, p, a.resident, scope, frequencies=freq) for p in POLICIES]
+        # a reference no runtime can run: score told the next token's experts without error
+        told = replay(evalt, "score", a.resident, scope, frequencies=freq, oracle_steps=len(evalt.layers))
+        told.policy = "score+next-token oracle"
+        reps[scope].append(told)
         print(f"\nexpert cache, {a.resident:.0%} of experts resident ({scope} cache, {reps[scope][0].slots} slots), "
               f"eval text replayed token by token")
-        print(f"{'policy':<8}{'hit rate (bytes)':>18}{'miss MB / token':>18}")
+        print(f"{'policy':<24}{'hit rate (bytes)':>18}{'miss MB / token':>18}")
         for r in reps[scope]:
-            print(f"{r.policy:<8}{r.hit_rate_bytes:>18.1%}{r.miss_bytes_per_token / 1e6:>18.2f}")
+            print(f"{r.policy:<24}{r.hit_rate_bytes:>18.1%}{r.miss_bytes_per_token / 1e6:>18.2f}")
 
     g = {r.policy: r.hit_rate_bytes for r in reps[scopes[0]]}
     c1 = rec["calibrated"][1]

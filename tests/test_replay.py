@@ -124,3 +124,15 @@ def test_hit_shares_replays_fewer_tokens_when_misses_would_scan_a_big_cache(monk
     assert len(hit_shares(tr, 50, warm=0)) == 100  # all 100 tokens (fewer than HIT_TOKENS)
     monkeypatch.setattr(rp, "REPLAY_WORK", 1)
     assert len(hit_shares(tr, 50, warm=0)) == rp.MIN_HIT_TOKENS  # the middle MIN_HIT_TOKENS only
+
+
+def test_an_oracle_lookahead_protects_what_comes_next():
+    # A B A C B with 2 slots: score (like LRU here) gives up B for C; told the next step needs B, it
+    # gives up A instead and hits B at the end, as Belady does
+    tr = _trace([[[0]], [[1]], [[0]], [[2]], [[1]]])
+    plain, told = replay(tr, "score", 0.5), replay(tr, "score", 0.5, oracle_steps=1)
+    assert told.hits == replay(tr, "belady", 0.5).hits == 2
+    assert plain.hits == 1
+    # one slot: A, needed again two steps on, is kept through B's miss (B is not cached: no slot is
+    # free of what comes next, and the budget is never exceeded); without the oracle nothing ever hits
+    assert replay(tr, "score", 0.25, oracle_steps=2).hits == 1 and replay(tr, "score", 0.25).hits == 0

@@ -115,7 +115,7 @@ class _Belady:
 
 
 def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", frequencies=None,
-           expert_bytes=None) -> ReplayResult:
+           expert_bytes=None, oracle_steps: int = 0) -> ReplayResult:
     """Run a trace's accesses through a simulated expert cache.
 
     Args:
@@ -126,6 +126,10 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
         frequencies: [L, E] activation frequencies for "static" (and the "score" tie-break); default
             the trace's own (an optimistic static baseline: it knows this text's frequencies).
         expert_bytes: bytes of one expert (int or {layer: int}); default trace.meta["expert_bytes"] or 1.
+        oracle_steps: a reference, not a policy anyone can run: the experts of the next `oracle_steps`
+            (token, layer) steps are protected too, as if a predictor knew them without error (one
+            token ahead is as many steps as MoE layers). It measures how much of the gap to Belady
+            knowing the near future would close.
     Returns:
         A ReplayResult.
     """
@@ -148,7 +152,8 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
     res = {c: set() for c in caps}
     hits = hit_b = tot_b = acc = 0
     last_t = 0
-    for t, l, used in _steps(trace):
+    steps = list(_steps(trace)) if oracle_steps else None
+    for s, (t, l, used) in enumerate(steps or _steps(trace)):
         if t != last_t:
             if pol:
                 pol.tick()
@@ -156,6 +161,8 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
         cache = None if scope == "global" else l
         held, cap = res[cache], caps[cache]
         protected = {(l, e) for e, _ in used}
+        for _, ll, later in (steps[s + 1:s + 1 + oracle_steps] if oracle_steps else ()):
+            protected.update((ll, e) for e, _ in later)
         for e, w in used:
             key, b = (l, e), nbytes[l]
             tot_b += b
