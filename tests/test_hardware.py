@@ -73,6 +73,7 @@ def test_matvec_call_is_fitted_within_each_round_so_drift_between_rounds_cancels
     assert abs((small - big * r) / (1 - r) - call) > call / 2
     assert probes.call_intercept(sizes, [[b / 10e9 for b in sizes]]) == pytest.approx(0.0, abs=1e-12)  # none made up
     assert probes.call_intercept(sizes, [[b / 10e9 - 1e-6 for b in sizes]]) == 0.0  # never negative
+    assert probes.call_intercept(sizes, [[3e-5, 2e-5, 1e-5]]) == 1e-5  # a tilted round: at most its fastest call
 
 
 def test_matvec_call_measures_a_cost_per_call():

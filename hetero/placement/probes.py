@@ -339,14 +339,19 @@ def matvec_call(device: str, dtype: torch.dtype, quick: bool) -> float:
 
 
 def call_intercept(sizes, rounds) -> float:
-    """The median over rounds of each round's fitted intercept of time = bytes / rate + call (>= 0).
+    """The median over rounds of each round's fitted intercept of time = bytes / rate + call, kept
+    between zero and the round's fastest call (a noisy round can tilt the line either way).
 
     Args:
         sizes: matrix bytes [n].
         rounds: seconds per call, [rounds][n], the sizes of one round timed one after the other.
     """
     x = np.asarray(sizes, dtype=float)
-    return statistics.median(max(0.0, float(np.polyfit(x, np.asarray(t, dtype=float), 1)[1])) for t in rounds)
+    fits = []
+    for t in rounds:
+        t = np.asarray(t, dtype=float)
+        fits.append(min(float(t.min()), max(0.0, float(np.polyfit(x, t, 1)[1]))))
+    return statistics.median(fits)
 
 
 def matmul(device: str, dtype: torch.dtype, quick: bool) -> float:
