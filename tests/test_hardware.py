@@ -61,6 +61,19 @@ def test_overheads_are_measured_per_family():
     assert o["qwen3_moe"]["expert"] > 0 and o["qwen3_moe"]["attn"] > 0
 
 
+def test_overhead_probe_runs_the_runtime_and_puts_everything_back(tmp_path, monkeypatch):
+    import tempfile
+
+    from hetero.models import common
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the tiny checkpoints are written
+    linear = common.linear
+    row = overheads.measure("cpu", quick=True, model_types=["mixtral"])["mixtral"]
+    assert set(row) == {"attn", "step", "moe", "expert"} and row["attn"] > 0 and row["expert"] > 0
+    assert common.linear is linear  # the stand-in matvecs are gone
+    assert not list(tmp_path.iterdir())  # and so are the checkpoints
+
+
 def test_matvec_call_is_fitted_within_each_round_so_drift_between_rounds_cancels():
     sizes = [2**18, 2**20, 2**22]
     call = 40e-6

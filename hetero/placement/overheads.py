@@ -1,162 +1,206 @@
-"""The fixed cost of a decode step through each family's own modules, measured at tiny sizes.
+"""The fixed cost of a decode step through each family's own code, measured by running it on a tiny checkpoint.
 
-At one token per step the norms, RoPE, views, attention and routing of a layer move almost no data;
-their time is Python and dispatch overhead that does not shrink with the weights. Running the very
-modules the executor runs (models/*.py, experts/dispatch.py, kvstore/cache.py) with hidden size 64
-measures it per family: per layer for attention and for a dense MLP, per MoE block and per expert
-computed, and per step (embedding, RoPE tables, final norm, lm_head call).
+At one token per step the norms, RoPE, views, attention and routing of a layer, and the executor's
+own loop around it, move almost no data: their time is Python and dispatch overhead that does not
+shrink with the weights. For each family this writes a tiny random checkpoint (hidden size 64),
+loads it with the runtime itself (load_offloaded, everything in RAM: the same executor, expert
+manager and KV cache a real model runs with) and times decode steps. Every matrix product is
+replaced by a stand-in matvec of a real model's size, whose time is left out: the cost model
+charges the real ones from their bytes and a fixed cost per call (probes.matvec, matvec_call), and
+the stand-ins leave the caches as cold for the small ops in between as real weights do (those ops
+ran about twice as slow between real matvecs as with none). Out come per-layer seconds for
+attention (with the layer's norms and the executor's per-layer work) and for a dense MLP, per MoE
+block and per expert computed, and per step (embedding, final norm, the lm_head call, bookkeeping).
+
+Timing the modules alone, outside the executor and with tiny matvecs, had given about a third of
+what real decoding spends beside its matvecs (benchmarks/plan_drift.py splits the two).
 """
 
+import json
 import statistics
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelArgs
-from ..experts.dispatch import ExpertDispatch
-from ..kvstore.cache import LayerKV
-from ..models import family_for, supported_model_types
+from ..models import common, family_for, supported_model_types
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, num_experts=4,
-            moe_intermediate_size=32, mlp_only_layers=[1], sliding_window=4096)
-KV_TOKENS = (16, 80)  # the tiny cache is refilled between these lengths, so SDPA sees a short context
+            moe_intermediate_size=32, mlp_only_layers=[1], sliding_window=4096, tie_word_embeddings=False)
+KV_TOKENS = (16, 80)  # the cache is refilled between these lengths, so attention sees a short context
+DEPTHS = (1, 4)  # layers of the two checkpoints whose difference is the per-layer cost
 
 
-class _Owner:
-    """What a kvstore.cache.LayerKV asks of its cache: a capacity and a place to account bytes (none here)."""
-
-    max_tokens = KV_TOKENS[1] + 1
-
-    def account(self, nbytes):
-        pass
+STAND_IN_BYTES = 4 * 2**20  # each stand-in matvec: past a core's L2, like most weight matrices
 
 
-class _ResidentExperts:
-    """Stands in for the executor's expert manager (experts/manager.py) with every expert resident on the
-    compute device: the dispatch loop's calls, none of the moving."""
+class _StandIns:
+    """Replaces models.common.linear: each call runs a matvec over the next of a pool of STAND_IN_BYTES
+    matrices (larger than the caches, as decoding streams its weights) and returns zeros of the real
+    output's shape. `spent` is the seconds spent inside, to be taken out of every timing."""
 
-    compute = "resident"  # the tier the dispatch compares with: every expert computes where it is
+    def __init__(self, device: str):
+        from .probes import pool_bytes
 
-    def __init__(self, weights):
-        self.weights = weights
+        self.device = device
+        cols = 1024
+        rows = STAND_IN_BYTES // (4 * cols)
+        n = max(2, pool_bytes(device, True) // STAND_IN_BYTES)
+        self.pool = [torch.full((rows, cols), 0.01, device=device) for _ in range(n)]
+        self.x = torch.full((cols,), 0.01, device=device)
+        self.i, self.spent = 0, 0.0
 
-    def begin_layer(self, layer, idx, w):
-        return torch.unique(idx).tolist()
-
-    def prepare(self, layer, x, counts):
-        pass
-
-    @contextmanager
-    def serve(self, layer, e, n):
-        yield self.compute, self.weights[e]
-
-
-def _materialise(model, device):
-    for mod in model.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None and p.is_meta:
-                t = torch.ones(p.shape) if "norm" in name or p.dim() == 1 else torch.randn(p.shape) * 0.02
-                mod._parameters[name] = t.to(device)
-
-
-def _build(model_type: str, top_k: int, device: str):
-    args = ModelArgs.from_dict({**TINY, "model_type": model_type, "num_experts_per_tok": top_k})
-    model = family_for(args).build(args)
-    _materialise(model, device)
-    C, I = args.hidden_size, args.moe_intermediate_size
-    for block in model.moe_blocks():
-        experts = [tuple(torch.randn(s, device=device) * 0.02 for s in ((I, C), (I, C), (C, I)))
-                   for _ in range(args.num_experts)]
-        resident = _ResidentExperts(experts)
-        block.experts = ExpertDispatch(resident, block.layer_idx, manager=resident)
-    return args, model
-
-
-def _per_call(fn, device: str, calls: int) -> float:
-    def batch():
-        for _ in range(calls):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    batch()
-    times = []
-    for _ in range(12):  # the median of short batches: a typical step, as decoding is measured
+    def __call__(self, x, weight, bias=None):
         t0 = time.perf_counter()
-        batch()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / calls
+        self.i = (self.i + 1) % len(self.pool)
+        torch.mv(self.pool[self.i], self.x)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        out = x.new_zeros((*x.shape[:-1], weight.shape[0]))
+        self.spent += time.perf_counter() - t0
+        return out
 
 
-def _layer_parts(model_type: str, top_k: int, device: str, calls: int) -> dict:
-    args, model = _build(model_type, top_k, device)
-    owner = _Owner()
-    cache = [LayerKV(owner) for _ in range(args.num_hidden_layers)]
-    h = torch.randn(1, 1, args.hidden_size, device=device)
-    out = {}
+@contextmanager
+def _stand_ins(device: str):
+    real, stand = common.linear, _StandIns(device)
+    common.linear = stand
+    try:
+        yield stand
+    finally:
+        common.linear = real
 
-    def attn_step(layer, kv):
-        if kv.length >= KV_TOKENS[1]:
-            kv.length = KV_TOKENS[0]
-        cos, sin = model.rotary(kv.length, 1, h.dtype, h.device)
-        return h + layer.self_attn(layer.input_layernorm(h), cos, sin, kv)
 
-    # prime each layer's cache with KV_TOKENS[0] tokens
-    x = torch.randn(1, KV_TOKENS[0], args.hidden_size, device=device)
-    cos, sin = model.rotary(0, KV_TOKENS[0], x.dtype, x.device)
-    for j, layer in enumerate(model.model.layers):
-        layer.self_attn(x, cos, sin, cache[j])
-    out["attn"] = _per_call(lambda: attn_step(model.model.layers[0], cache[0]), device, calls)
-    for layer in model.model.layers:
-        ffn = getattr(layer, layer.ffn_name)
-        kind = "moe" if ffn.__class__.__name__ == "SparseMoE" else "mlp"
-        if kind not in out:
-            out[kind] = _per_call(lambda: h + ffn(layer.post_attention_layernorm(h)), device, calls)
-    if "step" not in out:
-        ids = torch.tensor([[3]], device=device)
-        emb = torch.randn(args.vocab_size, args.hidden_size, device=device) * 0.02
+def _write_checkpoint(out: Path, model_type: str, layers: int, top_k: int):
+    """config.json and one safetensors file of a random tiny model of this family."""
+    from safetensors.torch import save_file
 
-        def step():
-            x = F.embedding(ids, emb)
-            model.rotary(KV_TOKENS[0], 1, x.dtype, x.device)
-            return F.linear(model.model.norm(x)[:, -1:], emb)[:, -1].float().cpu()
+    cfg = {**TINY, "model_type": model_type, "num_hidden_layers": layers, "num_experts_per_tok": top_k}
+    args = ModelArgs.from_dict(cfg)
+    family = family_for(args)
+    model = family.build(args)
+    gen = torch.Generator().manual_seed(0)
 
-        out["step"] = _per_call(step, device, calls)
-    return out
+    def rand(shape, name):
+        if "norm" in name or len(shape) == 1:
+            return torch.ones(shape)
+        return torch.randn(shape, generator=gen) * 0.02
+
+    tensors = {n: rand(tuple(p.shape), n) for n, p in model.named_parameters()}
+    C, I = args.hidden_size, args.moe_intermediate_size
+    shapes = {"gate": (I, C), "up": (I, C), "down": (C, I)}
+    for path, mod in model.named_modules():
+        if isinstance(mod, common.SparseMoE):
+            for e in range(args.num_experts):
+                for key, role in family.EXPERT_ROLES.items():
+                    name = f"{path}.experts.{e}.{key}.weight"
+                    assert family.EXPERT_PATTERN.fullmatch(name), name  # the family's own naming
+                    tensors[name] = rand(shapes[role], name)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def _timed(fn, into: list, stand: _StandIns):
+    """fn, adding to into[0] the seconds each call takes beside the stand-in matvecs inside it."""
+    def run(*a, **k):
+        t0, s0 = time.perf_counter(), stand.spent
+        try:
+            return fn(*a, **k)
+        finally:
+            into[0] += time.perf_counter() - t0 - (stand.spent - s0)
+    return run
+
+
+class _Checkpoint:
+    """A tiny checkpoint of one family written to `folder`, loaded (all in RAM) and ready to decode."""
+
+    def __init__(self, model_type: str, layers: int, top_k: int, device: str, folder: Path, stand: _StandIns):
+        from ..api import load_offloaded
+
+        path = folder / f"{model_type}-{layers}-{top_k}"
+        _write_checkpoint(path, model_type, layers, top_k)
+        self.ex = load_offloaded(path, device=device, dtype="float32", planner="greedy", ram=2**30, context=256,
+                                 log_fn=lambda *_: None).executor
+        self.device, self.stand, self.cache = device, stand, None
+        self.ffn = {}  # kind -> [seconds in this step, blocks]
+        for layer in self.ex.model.model.layers:
+            mod = getattr(layer, layer.ffn_name)
+            slot = self.ffn.setdefault("moe" if isinstance(mod, common.SparseMoE) else "mlp", [0.0, 0])
+            slot[1] += 1
+            mod.forward = _timed(mod.forward, slot, stand)
+
+    def step(self, i: int) -> tuple[float, dict]:
+        """One decode step: (its seconds beside the stand-ins and the FFN blocks, {kind: seconds per block})."""
+        if self.cache is None or self.cache.length >= KV_TOKENS[1]:
+            if self.cache is not None:
+                self.cache.free()
+            self.cache = self.ex.new_cache()
+            self.ex.forward(torch.arange(KV_TOKENS[0])[None], self.cache, last_only=True)
+        for slot in self.ffn.values():
+            slot[0] = 0.0
+        t0, s0 = time.perf_counter(), self.stand.spent
+        self.ex.forward(torch.tensor([[3 + i % 100]]), self.cache, last_only=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        blocks = sum(s for s, _ in self.ffn.values())
+        return time.perf_counter() - t0 - (self.stand.spent - s0) - blocks, {k: s / n for k, (s, n) in self.ffn.items()}
+
+    def close(self):
+        if self.cache is not None:
+            self.cache.free()
+        self.ex.store.cat.close()  # all in RAM: no reader pool was started
 
 
 def measure(device: str, quick: bool, model_types=None) -> dict:
     """Overhead seconds per model_type: {"attn", "mlp"?, "moe"?, "expert"?, "step"} on `device`.
 
-    "moe" is the MoE block without its experts (router, shared expert, dispatch loop); "expert" is
-    what each expert computed adds on top of its weights' arithmetic.
+    "attn" is a layer's attention with everything of the layer that is not its MLP or MoE block (its
+    norms, residual adds, the executor's per-layer work); "moe" is the MoE block without its experts
+    (router, shared expert, dispatch loop, expert manager); "expert" is what each expert computed
+    adds on top of its weights' arithmetic; "step" is the per-token rest.
     """
-    calls = 4 if quick else 16
+    steps = 12 if quick else 16
     threads = torch.get_num_threads()
     # one thread: at these sizes nothing is worth parallelising, and on a busy machine a parallel
     # region waits for a descheduled worker (a scheduler tick, ~10 ms) — noise, not overhead
     torch.set_num_threads(1)
     try:
-        with torch.inference_mode():
-            out = _measure_all(device, calls, model_types or supported_model_types())
+        with torch.inference_mode(), _stand_ins(device) as stand, \
+                tempfile.TemporaryDirectory(prefix="hetero-overheads-") as d:
+            return {mt: _family(mt, device, steps, Path(d), stand) for mt in (model_types or supported_model_types())}
     finally:
         torch.set_num_threads(threads)
-    return out
 
 
-def _measure_all(device: str, calls: int, model_types) -> dict:
-    out = {}
-    for mt in model_types:
-        one = _layer_parts(mt, 1, device, calls)
-        row = {k: one[k] for k in ("attn", "mlp", "step") if k in one}
-        if "moe" in one:
-            # all the tiny model's experts against one: a difference of one expert's few microseconds
-            # drowned in the timings' noise, and came out as zero for most families
-            every = TINY["num_experts"]
-            expert = max(0.0, _layer_parts(mt, every, device, calls)["moe"] - one["moe"]) / (every - 1)
-            row.update(moe=max(0.0, one["moe"] - expert), expert=expert)
-        out[mt] = row
-    return out
+def _family(model_type: str, device: str, steps: int, folder: Path, stand: _StandIns) -> dict:
+    """One family's row. Its checkpoints run a step each in turn, and each turn's figures are
+    differenced within the turn (then the median taken): the host's speed drifts between turns."""
+    short, deep = DEPTHS
+    every = TINY["num_experts"]
+    runs = [_Checkpoint(model_type, short, 1, device, folder, stand),
+            _Checkpoint(model_type, deep, 1, device, folder, stand)]
+    if runs[0].ffn.get("moe"):
+        runs.append(_Checkpoint(model_type, short, every, device, folder, stand))  # every expert computed
+    try:
+        turns = [[r.step(i) for r in runs] for i in range(steps + 2)][2:]  # two turns warm up
+    finally:
+        for r in runs:
+            r.close()
+    med = statistics.median
+    # beside its FFN block, a layer costs its attention, norms, residual adds and the executor's
+    # per-layer work: the difference per layer between the two depths; the remainder is per step
+    per_layer = [(t[1][0] - t[0][0]) / (deep - short) for t in turns]
+    row = {"attn": max(0.0, med(per_layer)), "step": max(0.0, med(t[0][0] - short * a for t, a in zip(turns, per_layer)))}
+    if "mlp" in runs[1].ffn:
+        row["mlp"] = med(t[1][1]["mlp"] for t in turns)
+    if len(runs) > 2:
+        # all the tiny model's experts against one: a difference of one expert's few microseconds
+        # drowned in the timings' noise, and came out as zero for most families
+        expert = max(0.0, med((t[2][1]["moe"] - t[0][1]["moe"]) / (every - 1) for t in turns))
+        row.update(moe=max(0.0, med(t[0][1]["moe"] for t in turns) - expert), expert=expert)
+    return row

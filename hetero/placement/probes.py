@@ -271,7 +271,8 @@ CALL_SIZES = (MiB // 4, MiB // 2, MiB, 2 * MiB, 4 * MiB)  # matvec_call fits its
 CALL_ROUNDS = 6
 
 
-def _pool_bytes(device: str, quick: bool) -> int:
+def pool_bytes(device: str, quick: bool) -> int:
+    """Bytes of weights a streaming probe cycles through, so that they come from memory, not a cache."""
     # twice the last-level cache on the cpu (a VM may report a 300 MiB one), past a gpu's L2; never more
     # than an eighth of the free RAM (a small machine profiles on first load)
     if device != "cpu":
@@ -283,7 +284,7 @@ def _pool_bytes(device: str, quick: bool) -> int:
 def _matvec_call_s(device: str, dtype: torch.dtype, cols: int, nbytes: int, quick: bool) -> float:
     """Median seconds of one [1, cols] @ [N, cols]^T over a pool of `nbytes` matrices larger than the caches."""
     n_rows = max(8, nbytes // (cols * dtype.itemsize))
-    n = max(2, _pool_bytes(device, quick) // (n_rows * cols * dtype.itemsize))
+    n = max(2, pool_bytes(device, quick) // (n_rows * cols * dtype.itemsize))
     ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n)]
     x = torch.full((1, cols), 0.01, dtype=dtype, device=device)
 
@@ -316,7 +317,7 @@ def matvec_call(device: str, dtype: torch.dtype, quick: bool) -> float:
     (the table's rows, then a small probe) gave intercepts that were off by half. The median round's.
     """
     cols = 1024
-    pool = _pool_bytes(device, quick) // len(CALL_SIZES)  # each round sweeps every size's pool once
+    pool = pool_bytes(device, quick) // len(CALL_SIZES)  # each round sweeps every size's pool once
     sets = []
     for nbytes in CALL_SIZES:
         n_rows = max(8, nbytes // (cols * dtype.itemsize))
