@@ -188,6 +188,19 @@ def test_an_expert_cache_serves_the_hottest_disk_experts():
     assert two == pytest.approx(hot.decode_s_per_token)
 
 
+def test_an_expert_cache_adds_the_managers_measured_work_to_each_moe_layer():
+    desc = tiny_desc("mixtral", layers=2, experts=4)
+    p = synthetic_profile()
+    cpu = p.compute["cpu"]
+    managed = dataclasses.replace(p, compute={**p.compute, "cpu": {
+        **cpu, "overheads": {**cpu["overheads"], "mixtral": {**cpu["overheads"]["mixtral"], "cached_moe": 1e-3}}}})
+    plan = dataclasses.replace(_plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu"), expert_cache={"cpu": 8})
+    base, more = (predict(desc, plan, q).decode_s_per_token for q in (p, managed))
+    assert more == pytest.approx(base + 2 * 1e-3)  # every expert cached: compute only, one figure per MoE layer
+    no_cache = dataclasses.replace(plan, expert_cache={})
+    assert predict(desc, no_cache, managed).decode_s_per_token == pytest.approx(predict(desc, no_cache, p).decode_s_per_token)
+
+
 def test_with_a_trace_the_cache_is_replayed_and_locality_counts():
     from hetero.experts.trace import RoutingTrace
 

@@ -69,7 +69,8 @@ def test_overhead_probe_runs_the_runtime_and_puts_everything_back(tmp_path, monk
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the tiny checkpoints are written
     linear = common.linear
     row = overheads.measure("cpu", quick=True, model_types=["mixtral"])["mixtral"]
-    assert set(row) == {"attn", "step", "moe", "expert"} and row["attn"] > 0 and row["expert"] > 0
+    assert set(row) == {"attn", "step", "moe", "expert", "cached_moe"} and row["attn"] > 0 and row["expert"] > 0
+    assert row["cached_moe"] > 0  # the expert manager's bookkeeping and prediction behind a cache
     assert common.linear is linear  # the stand-in matvecs are gone
     assert not list(tmp_path.iterdir())  # and so are the checkpoints
 

@@ -481,6 +481,12 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
     else:
         idx = cached_index(t, plan, probs)
         dec, pre = bucket_streams(t, idx, "decode"), bucket_streams(t, idx, "prefill")
+    if any((getattr(plan, "expert_cache", None) or {}).values()):
+        # behind a cache, each MoE layer also runs the expert manager's bookkeeping and prediction
+        extra = Speeds(profile, plan.compute, workload).family(desc.args.model_type).get("cached_moe", 0.0)
+        for layer in {g.layer for g in desc.groups if g.kind == "expert"}:
+            dec[layer + 1, COMP] += extra
+            pre[layer + 1, COMP] += extra
     extents = {k: tuple(v) for k, v in workload.extents.items()} if workload.extents else None
     nxt = next_token_reads(list(desc.groups), plan.tiers, plan.compute, plan.depth, extents)
     L = len(dec) - 2

@@ -10,7 +10,8 @@ charges the real ones from their bytes and a fixed cost per call (probes.matvec,
 the stand-ins leave the caches as cold for the small ops in between as real weights do (those ops
 ran about twice as slow between real matvecs as with none). Out come per-layer seconds for
 attention (with the layer's norms and the executor's per-layer work) and for a dense MLP, per MoE
-block and per expert computed, and per step (embedding, final norm, the lm_head call, bookkeeping).
+block and per expert computed, per MoE layer behind an expert cache, and per step (embedding,
+final norm, the lm_head call, bookkeeping).
 
 Timing the modules alone, outside the executor and with tiny matvecs, had given about a third of
 what real decoding spends beside its matvecs (benchmarks/plan_drift.py splits the two).
@@ -119,13 +120,28 @@ def _timed(fn, into: list, stand: _StandIns):
 class _Checkpoint:
     """A tiny checkpoint of one family written to `folder`, loaded (all in RAM) and ready to decode."""
 
-    def __init__(self, model_type: str, layers: int, top_k: int, device: str, folder: Path, stand: _StandIns):
+    def __init__(self, model_type: str, layers: int, top_k: int, device: str, folder: Path, stand: _StandIns,
+                 managed: bool = False):
+        """managed: experts homed on disk behind a cpu expert cache, prefetching (the routing always picks
+        the same experts here, so they stay cached: the manager's bookkeeping and prediction, no reads)."""
+        import warnings
+        from dataclasses import replace
+
         from ..api import load_offloaded
 
         path = folder / f"{model_type}-{layers}-{top_k}"
-        _write_checkpoint(path, model_type, layers, top_k)
-        self.ex = load_offloaded(path, device=device, dtype="float32", planner="greedy", ram=2**30, context=256,
-                                 log_fn=lambda *_: None).executor
+        if not (path / "config.json").is_file():
+            _write_checkpoint(path, model_type, layers, top_k)
+        kw = dict(device=device, dtype="float32", planner="greedy", ram=2**30, context=256, log_fn=lambda *_: None)
+        self.ex = load_offloaded(path, **kw).executor
+        if managed:
+            plan = self.ex.plan
+            tiers = {g: ("disk" if ".experts." in g else t) for g, t in plan.tiers.items()}
+            plan = replace(plan, tiers=tiers, expert_cache={plan.compute: 2 * TINY["num_experts"]})
+            self.ex.store.cat.close()
+            with warnings.catch_warnings():  # a temporary directory on tmpfs has no O_DIRECT: said for it only
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.ex = load_offloaded(path, plan=plan, **kw).executor
         self.device, self.stand, self.cache = device, stand, None
         self.ffn = {}  # kind -> [seconds in this step, blocks]
         for layer in self.ex.model.model.layers:
@@ -157,12 +173,14 @@ class _Checkpoint:
 
 
 def measure(device: str, quick: bool, model_types=None) -> dict:
-    """Overhead seconds per model_type: {"attn", "mlp"?, "moe"?, "expert"?, "step"} on `device`.
+    """Overhead seconds per model_type: {"attn", "mlp"?, "moe"?, "expert"?, "cached_moe"?, "step"} on `device`.
 
     "attn" is a layer's attention with everything of the layer that is not its MLP or MoE block (its
     norms, residual adds, the executor's per-layer work); "moe" is the MoE block without its experts
     (router, shared expert, dispatch loop, expert manager); "expert" is what each expert computed
-    adds on top of its weights' arithmetic; "step" is the per-token rest.
+    adds on top of its weights' arithmetic; "cached_moe" is what an MoE layer adds when its experts
+    are homed below the compute tier behind an expert cache (the manager's cache bookkeeping and
+    routing prediction, reads aside); "step" is the per-token rest.
     """
     steps = 12 if quick else 16
     threads = torch.get_num_threads()
@@ -186,6 +204,7 @@ def _family(model_type: str, device: str, steps: int, folder: Path, stand: _Stan
             _Checkpoint(model_type, deep, 1, device, folder, stand)]
     if runs[0].ffn.get("moe"):
         runs.append(_Checkpoint(model_type, short, every, device, folder, stand))  # every expert computed
+        runs.append(_Checkpoint(model_type, deep, 1, device, folder, stand, managed=True))
     try:
         turns = [[r.step(i) for r in runs] for i in range(steps + 2)][2:]  # two turns warm up
     finally:
@@ -203,4 +222,8 @@ def _family(model_type: str, device: str, steps: int, folder: Path, stand: _Stan
         # drowned in the timings' noise, and came out as zero for most families
         expert = max(0.0, med((t[2][1]["moe"] - t[0][1]["moe"]) / (every - 1) for t in turns))
         row.update(moe=max(0.0, med(t[0][1]["moe"] for t in turns) - expert), expert=expert)
+        # what an MoE layer adds when its experts sit behind a cache and are predicted ahead
+        n_moe = runs[1].ffn["moe"][1]
+        row["cached_moe"] = max(0.0, med((t[3][0] + t[3][1]["moe"] * n_moe - t[1][0] - t[1][1]["moe"] * n_moe) / n_moe
+                                         for t in turns))
     return row
