@@ -167,9 +167,16 @@ class _Checkpoint:
         return time.perf_counter() - t0 - (self.stand.spent - s0) - blocks, {k: s / n for k, (s, n) in self.ffn.items()}
 
     def close(self):
+        import os
+
         if self.cache is not None:
             self.cache.free()
-        self.ex.store.cat.close()  # all in RAM: no reader pool was started
+        store = self.ex.store
+        store.cat.close()
+        if store.reader is not None:  # the managed run reads its pack: its reader threads and file
+            store.reader.close()
+            os.close(store.pack_fd)
+            store.pack.close()
 
 
 def measure(device: str, quick: bool, model_types=None) -> dict:
