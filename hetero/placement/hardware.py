@@ -1,9 +1,9 @@
 """The hardware profile: what this machine holds and how fast it moves and computes, measured, never typed in.
 
-`hetero profile` measures it (probes.py, overheads.py) in well under 30 s and caches it under the
+`hetero profile` measures it (probes.py, overheads.py) in under 30 s and caches it under the
 model store home; the cache is used while the hardware fingerprint (CPU model and count, torch
-threads, RAM, GPU, the disk under the measured directory) is unchanged. A quick variant (a few
-seconds, fewer repeats) is measured in a child process the first time a model is planned on a
+threads, RAM, GPU, the disk under the measured directory) is unchanged. A quick variant (fewer
+repeats, about half the time) is measured in a child process the first time a model is planned on a
 machine with no profile, so its buffers never count against the caller's memory budget.
 """
 
@@ -208,7 +208,7 @@ def ensure_profile(log=None) -> Profile:
     p = cached()
     if p is not None:
         return p
-    (log or (lambda *_: None))("measuring this machine once for the planner (a few seconds; `hetero profile` for the full run)")
+    (log or (lambda *_: None))("measuring this machine once for the planner (10-20 s; `hetero profile` for the full run)")
     proc = subprocess.run([sys.executable, "-m", "hetero.placement.hardware", "--quick"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise HeteroError(f"measuring the hardware profile failed: {proc.stderr.strip().splitlines()[-1:]}")
