@@ -263,6 +263,7 @@ class Tables:
         bucket: [n] the bucket of each group; nbytes: [n]; names: group names in order.
         label: the compute device, in words.
         gpu: the compute device is the gpu tier (copies of layer j+1 wait for its reads before j computes).
+        cached_moe: seconds each MoE layer adds when the plan has an expert cache (overheads.py).
     """
 
     decode: np.ndarray
@@ -275,6 +276,7 @@ class Tables:
     compute: str
     label: str
     overlap: bool
+    cached_moe: float = 0.0
 
 
 def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) -> Tables:
@@ -304,7 +306,8 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
             dec[i, ti], pre[i, ti] = memo[key]
     fixed_d, fixed_p = _fixed(sp, desc, workload, probs)
     return Tables(dec, pre, fixed_d, fixed_p, bucket, np.array([g.nbytes for g in desc.groups], dtype=np.int64),
-                  tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap)
+                  tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap,
+                  sp.family(a.model_type).get("cached_moe", 0.0))
 
 
 def _group(sp: Speeds, desc, g, tier: str, compute: str, P: int, p: float, dt: str, ext: tuple, recall: float = 0.0):
@@ -483,10 +486,9 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
         dec, pre = bucket_streams(t, idx, "decode"), bucket_streams(t, idx, "prefill")
     if any((getattr(plan, "expert_cache", None) or {}).values()):
         # behind a cache, each MoE layer also runs the expert manager's bookkeeping and prediction
-        extra = Speeds(profile, plan.compute, workload).family(desc.args.model_type).get("cached_moe", 0.0)
         for layer in {g.layer for g in desc.groups if g.kind == "expert"}:
-            dec[layer + 1, COMP] += extra
-            pre[layer + 1, COMP] += extra
+            dec[layer + 1, COMP] += t.cached_moe
+            pre[layer + 1, COMP] += t.cached_moe
     extents = {k: tuple(v) for k, v in workload.extents.items()} if workload.extents else None
     nxt = next_token_reads(list(desc.groups), plan.tiers, plan.compute, plan.depth, extents)
     L = len(dec) - 2

@@ -43,7 +43,7 @@ class Profile:
         host_to_device: {"pageable": table, "pinned": table, "device_to_host_bps": float} or None.
         compute: device ("cpu", "cuda") -> {"matvec": {dtype: [[input width, bytes/s], ...]},
             "matvec_bytes": the size of the matrices it was measured on, "matvec_call_s": {dtype: fixed seconds per matvec call}, "matmul_flops": {dtype: flop/s},
-            "op_s": seconds per extra op, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "step"}}}.
+            "op_s": seconds per extra op, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "cached_moe", "step"}}}.
     """
 
     fingerprint: dict = field(hash=False)

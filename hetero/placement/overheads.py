@@ -8,7 +8,7 @@ manager and KV cache a real model runs with) and times decode steps. Every matri
 replaced by a stand-in matvec of a real model's size, whose time is left out: the cost model
 charges the real ones from their bytes and a fixed cost per call (probes.matvec, matvec_call), and
 the stand-ins leave the caches as cold for the small ops in between as real weights do (those ops
-ran about twice as slow between real matvecs as with none). Out come per-layer seconds for
+run markedly slower between real matvecs than with none). Out come per-layer seconds for
 attention (with the layer's norms and the executor's per-layer work) and for a dense MLP, per MoE
 block and per expert computed, per MoE layer behind an expert cache, and per step (embedding,
 final norm, the lm_head call, bookkeeping).
@@ -28,6 +28,7 @@ import torch
 
 from ..config import ModelArgs
 from ..models import common, family_for, supported_model_types
+from .probes import pool_bytes
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, num_experts=4,
@@ -45,8 +46,6 @@ class _StandIns:
     output's shape. `spent` is the seconds spent inside, to be taken out of every timing."""
 
     def __init__(self, device: str):
-        from .probes import pool_bytes
-
         self.device = device
         cols = 1024
         rows = STAND_IN_BYTES // (4 * cols)
@@ -136,7 +135,8 @@ class _Checkpoint:
         self.ex = load_offloaded(path, **kw).executor
         if managed:
             plan = self.ex.plan
-            tiers = {g: ("disk" if ".experts." in g else t) for g, t in plan.tiers.items()}
+            groups = self.ex.store.groups
+            tiers = {g: ("disk" if groups[g].kind == "expert" else t) for g, t in plan.tiers.items()}
             plan = replace(plan, tiers=tiers, expert_cache={plan.compute: 2 * TINY["num_experts"]})
             self.ex.store.cat.close()
             with warnings.catch_warnings():  # a temporary directory on tmpfs has no O_DIRECT: said for it only
