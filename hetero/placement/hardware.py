@@ -208,7 +208,7 @@ def ensure_profile(log=None) -> Profile:
     p = cached()
     if p is not None:
         return p
-    (log or (lambda *_: None))("measuring this machine once for the planner (10-20 s; `hetero profile` for the full run)")
+    (log or (lambda *_: None))("measuring this machine once for the planner (under 30 s; `hetero profile` for the full run)")
     proc = subprocess.run([sys.executable, "-m", "hetero.placement.hardware", "--quick"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise HeteroError(f"measuring the hardware profile failed: {proc.stderr.strip().splitlines()[-1:]}")
