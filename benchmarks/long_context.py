@@ -3,9 +3,11 @@
 Prints the issue-6 metrics as one table (and JSON to benchmarks/results/long_context.json):
   1. recall@k of retrieved keys vs exact top-k, against the share of keys scanned, for IndexFlatIP
      (the oracle), IVF, HNSW and the query-aware index — on real SmolLM2 queries/keys of real text;
-  2. attention-output cosine of retrieval vs exact (median, 5th percentile), same data;
-  3. index memory / raw key bytes;
-  4. end to end: next-token top-1 agreement with exact attention, teacher-forced over the text's end;
+  2. attention-output cosine of retrieval vs exact (median, 5th percentile), same data, with V in RAM
+     and with V on disk (where retrieval attends past each head's top-k through a 4-bit V copy);
+  3. index memory / raw key bytes (and with the 4-bit V copy);
+  4. end to end: next-token top-1 agreement with exact attention, teacher-forced over the text's end,
+     for the runtime's default (every scanned key) and for attending to the top-k only;
   5. needle in a haystack at 4K and 8K tokens (planted "the special magic number for X is N");
   6. decode time per token and layer at 4K and 128K keys (synthetic q/k from separate projections).
 
@@ -30,12 +32,13 @@ from hetero import store
 from hetero.api import load_offloaded
 from hetero.kvstore import retrieval
 from hetero.kvstore.ann import FlatIndex, HNSWIndex, IVFIndex, QueryRoutedIndex
+from hetero.kvstore.int4rows import Int4Rows
 from hetero.kvstore.qivf import WhitenedIVF
-from hetero.kvstore.attention import merge, partial_attention, partial_attention_gathered
+from hetero.kvstore.attention import merge, partial_attention
 from hetero.kvstore.paged import RECENT_BLOCKS, SINK_BLOCKS
 
 SINK, RECENT = 64 * SINK_BLOCKS, 64 * RECENT_BLOCKS  # what stays resident (tokens), as in the paged store
-K_TOP = 100  # recall@K_TOP is measured (retrieval attends to retrieval.TOP_K keys)
+K_TOP = 100  # recall@K_TOP is measured (retrieval attends to every key its index scans)
 
 
 def local_text() -> str:
@@ -115,9 +118,9 @@ def index_sweeps(D):
 
 def real_attention(rec, n_queries, rng):
     """Recall / scanned / memory per index, and output cosine for the chosen index, over the recorded layers."""
-    rows, cosines = [], []
+    rows, cosines, cosines_disk = [], [], []
     for name, make in index_sweeps(next(iter(rec.values()))[0].shape[-1]):
-        rec_k, scan, mem = [], [], []
+        rec_k, scan, mem, mem_v = [], [], [], []
         t0 = time.perf_counter()
         for j, (q, k, v) in rec.items():
             H, S, D = q.shape
@@ -138,38 +141,61 @@ def real_attention(rec, n_queries, rng):
                     exact = np.argpartition(-(qq @ keys.T), K_TOP - 1, axis=1)[:, :K_TOP]
                     rec_k += [len(set(ids[g]) & set(exact[g])) / K_TOP for g in range(G)]
                     scan.append(n_scan[0] / len(keys))
-                    if name == CHOSEN:  # the output retrieval gives: attention to its TOP_K keys
-                        cosines += _cosines(q, k, v, h, G, p, SINK, end, ix.search(qq[None], retrieval.TOP_K)[0][0])
+                    if name == CHOSEN:  # the output retrieval gives: attention to every key its index scans
+                        cand, valid, _, _ = ix.candidates(qq[None])
+                        ram, disk = _cosines(q, k, v, h, G, p, SINK, end, cand[0][valid[0]])
+                        cosines += [ram]
+                        cosines_disk += [disk]
                 mem.append(ix.nbytes() / keys.nbytes)
+                mem_v.append((ix.nbytes() + len(keys) * ((D + 1) // 2 + 4)) / keys.nbytes)  # + Int4Rows of V
         rows.append({"index": name, f"recall@{K_TOP}": float(np.mean(rec_k)), "scanned": float(np.mean(scan)),
                      "index_bytes_per_key_byte": float(np.mean(mem)), "s": time.perf_counter() - t0})
-    return rows, np.array(cosines)
+        if name == CHOSEN:
+            rows[-1]["with_v4_bytes_per_key_byte"] = float(np.mean(mem_v))
+    return rows, np.array(cosines).ravel(), np.array(cosines_disk).ravel()
 
 
-def _cosines(q, k, v, h, G, p, lo, hi, ids):
-    """Cosine of retrieval's output vs exact attention's, for the G heads of kv head h at position p."""
+def _cosines(q, k, v, h, G, p, lo, hi, cand):
+    """Cosines of retrieval's output vs exact attention's, for the G heads of kv head h at position p.
+
+    cand: the off-device keys the index scanned (ids from lo). Two outputs, as RetrievalLayer computes
+    them: V in RAM (every scanned key with its exact V), and V on disk (exact V for the best
+    retrieval.TOP_K keys of any head of the group, the 4-bit copy for the rest). Returns ([G], [G]).
+    """
     scale = q.shape[-1] ** -0.5
     qq = q[h * G:(h + 1) * G, p][None, :, None].float()  # [1, G, 1, D]
     kk, vv = k[h:h + 1, :p + 1][None].float(), v[h:h + 1, :p + 1][None].float()  # [1, 1, p+1, D]
     exact, _ = partial_attention(qq, kk, vv, scale)
     res = torch.cat([torch.arange(lo), torch.arange(hi, p + 1)])  # resident: sinks and recent tokens
     o_r, l_r = partial_attention(qq, kk[:, :, res], vv[:, :, res], scale)
-    out = []
-    for g in range(G):
-        sel = torch.from_numpy(ids[g][ids[g] >= 0]) + lo
-        o_t, l_t = partial_attention(qq[:, g:g + 1], kk[:, :, sel], vv[:, :, sel], scale)
-        o, _ = merge(o_r[:, g:g + 1], l_r[:, g:g + 1], o_t, l_t)
-        out.append(torch.nn.functional.cosine_similarity(o.flatten(), exact[:, g].flatten(), dim=0).item())
+    sel = torch.from_numpy(np.asarray(cand)) + lo
+    ks, vs = kk[:, :, sel], vv[:, :, sel]  # [1, 1, C, D]
+    low = Int4Rows(1, vv.shape[-1])
+    low.add(vs[0])
+    v4 = low.gather(np.arange(len(sel))[None])[None]  # [1, 1, C, D]
+    s = (qq @ ks.transpose(-1, -2))[0, :, 0]  # [G, C]
+    best = torch.zeros(len(sel), dtype=torch.bool)
+    best[torch.topk(s, min(retrieval.TOP_K, len(sel)), dim=1).indices.flatten()] = True
+    v_disk = torch.where(best[None, None, :, None], vs, v4)
+    out = ([], [])
+    for vals, dest in ((vs, out[0]), (v_disk, out[1])):
+        o_t, l_t = partial_attention(qq, ks, vals, scale)
+        o, _ = merge(o_r, l_r, o_t, l_t)
+        dest += [torch.nn.functional.cosine_similarity(o[0, g].flatten(), exact[0, g].flatten(), dim=0).item()
+                 for g in range(G)]
     return out
 
 
 # ------------------------------------------------------------ 4-5: end to end
 
-def agreement(exact, retr, ids, n_decode):
-    """Teacher-forced over the last n_decode tokens: share of steps whose top-1 next token agrees."""
+def agreement(exact, retr, ids, n_decode, top_k=None):
+    """Teacher-forced over the last n_decode tokens: share of steps whose top-1 next token agrees.
+    top_k: None, the runtime's default (every scanned key); an int, the retrieval cache's top-k path."""
     tops = []
     for m in (exact, retr):
         cache = m.executor.new_cache()
+        if m is retr:
+            cache.top_k = top_k
         ex = m.executor
         top = [int(ex.forward(torch.tensor([ids[:-n_decode]]), cache, last_only=True)[0, -1].argmax())]
         for t in ids[-n_decode:-1]:
@@ -226,7 +252,7 @@ def decode_time(S, H=9, K=3, D=64, steps=20, seed=0, structured=False):
     Keys and queries come from separate random projections of shared hidden states (the queries' second
     moment is learned from S of them, as a prefill would). Retrieval is what RetrievalLayer runs at a
     decode step: exact attention to the resident sinks + window, one batched index search for all kv
-    heads, K/V gathers, attention to the retrieved keys and the log-sum-exp merge.
+    heads, K/V gathers, attention to every key it scanned and the log-sum-exp merge.
     Returns (exact s, retrieval s, recall@k vs exact top-k of the off-device keys, share of keys scanned).
     """
     g = torch.Generator().manual_seed(seed)
@@ -247,21 +273,20 @@ def decode_time(S, H=9, K=3, D=64, steps=20, seed=0, structured=False):
     kr, vr = kk[:, :, res], vv[:, :, res]
     t_exact = t_retr = 0.0
     recalls, scanned = [], []
-    top = retrieval.TOP_K
-    ix.search(q[:, S].reshape(K, G, D).numpy(), top)  # the first search sorts the clusters
+    ix.search(q[:, S].reshape(K, G, D).numpy(), K_TOP)  # the first search sorts the clusters
     for s in range(steps):
         qq = q[:, S + s][None, :, None]  # [1, H, 1, D]
         t0 = time.perf_counter()
         torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, scale=scale, enable_gqa=True)
         t1 = time.perf_counter()
         o_r, l_r = partial_attention(qq, kr, vr, scale)
-        ids, n_scan = ix.search(qq[0, :, 0].reshape(K, G, D).numpy(), top)  # [K, G, top]
-        heads = np.arange(K)[:, None, None]
-        kt = torch.from_numpy(ix.keys[heads, ids]).reshape(1, H, top, D)
-        vt = off_v[torch.from_numpy(heads), torch.from_numpy(ids)].reshape(1, H, top, D)
-        o_t, l_t = partial_attention_gathered(qq, kt, vt, scale)
+        cand, valid, kt, n_scan = ix.candidates(qq[0, :, 0].reshape(K, G, D).numpy())  # [K, C] shared by a group
+        vt = off_v[torch.arange(K)[:, None], torch.from_numpy(cand)]  # [K, C, D]
+        mask = torch.from_numpy(valid).repeat_interleave(G, dim=0)[None, :, None, :]  # [1, H, 1, C]
+        o_t, l_t = partial_attention(qq, kt[None], vt[None], scale, mask)
         merge(o_r, l_r, o_t, l_t)
         t2 = time.perf_counter()
+        ids = ix._rescore(qq[0, :, 0].reshape(K, G, D).numpy(), cand, kt, valid, K_TOP)  # [K, G, k]: for the recall
         t_exact += t1 - t0
         t_retr += t2 - t1
         exact = np.argpartition(-(qq[0, :, 0].reshape(K, G, 1, D) @ k[:, None, lo:hi].transpose(-1, -2)).numpy(),
@@ -297,15 +322,17 @@ def main():
 
     t0 = time.perf_counter()
     rec = capture(exact, text_ids, {int(x) for x in a.layers.split(",")})
-    rows, cos = real_attention(rec, a.queries, rng)
+    rows, cos, cos_disk = real_attention(rec, a.queries, rng)
     out["indexes"], out["capture_and_index_s"] = rows, time.perf_counter() - t0
     out["cosine_median"], out["cosine_p5"] = float(np.median(cos)), float(np.percentile(cos, 5))
+    out["cosine_disk_median"], out["cosine_disk_p5"] = float(np.median(cos_disk)), float(np.percentile(cos_disk, 5))
 
     # end to end needs keys off the device: keep the retrieval model's KV budget at sinks + window
     small = load_offloaded(path, device="cpu", attention="retrieval", context=ctx, kv_budget="17MB")
     t0 = time.perf_counter()
     out["top1_agreement"], out["e2e_scanned"] = agreement(exact, small, text_ids, a.decode)
     out["agreement_s"] = time.perf_counter() - t0
+    out["top1_agreement_top_k_only"], _ = agreement(exact, small, text_ids, a.decode, top_k=retrieval.TOP_K)
     pyrng = random.Random(0)
     out["needle"] = {n: needles(exact, small, n, a.needles, pyrng) for n in (4096, 8000)}
     out["decode"] = {st: {S: dict(zip(("exact_s", "retrieval_s", f"recall@{K_TOP}", "scanned"), decode_time(S, structured=st)))
@@ -315,10 +342,14 @@ def main():
           f"{a.queries} decode positions per kv head (of the last {RECENT}), resident = {SINK} sink + recent tokens")
     print(f"{'index':28s} {'recall@' + str(K_TOP):>10s} {'scanned':>8s} {'bytes/key bytes':>16s}")
     for r in rows:
-        print(f"{r['index']:28s} {r[f'recall@{K_TOP}']:10.3f} {r['scanned'] * 100:7.1f}% {r['index_bytes_per_key_byte']:16.2f}")
-    print(f"attention output cosine ({CHOSEN}): median {out['cosine_median']:.4f}, 5th pct {out['cosine_p5']:.4f}")
+        extra = f"  (with the 4-bit V copy {r['with_v4_bytes_per_key_byte']:.2f})" if "with_v4_bytes_per_key_byte" in r else ""
+        print(f"{r['index']:28s} {r[f'recall@{K_TOP}']:10.3f} {r['scanned'] * 100:7.1f}% {r['index_bytes_per_key_byte']:16.2f}{extra}")
+    print(f"attention output cosine ({CHOSEN}), V in RAM: median {out['cosine_median']:.4f}, 5th pct {out['cosine_p5']:.4f}; "
+          f"V on disk (exact for the best {retrieval.TOP_K} per head, 4-bit past them): median {out['cosine_disk_median']:.4f}, "
+          f"5th pct {out['cosine_disk_p5']:.4f}")
     print(f"top-1 agreement with exact, {a.decode} teacher-forced steps after {out['tokens'] - a.decode} tokens "
-          f"(kv budget 17MB = sinks + window): {out['top1_agreement'] * 100:.1f}% (scanned {out['e2e_scanned'] * 100:.1f}%)")
+          f"(kv budget 17MB = sinks + window): {out['top1_agreement'] * 100:.1f}% (scanned {out['e2e_scanned'] * 100:.1f}%); "
+          f"attending to the top {retrieval.TOP_K} per head only: {out['top1_agreement_top_k_only'] * 100:.1f}%")
     for n, r in out["needle"].items():
         print(f"needle @ {n} tokens ({a.needles} trials): exact {r['exact'] * 100:.0f}%, retrieval {r['retrieval'] * 100:.0f}%")
     for st, d in out["decode"].items():

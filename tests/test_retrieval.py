@@ -1,5 +1,6 @@
 """Retrieval attention: the query-aware index finds planted keys, retrieval with top-k covering every
-off-device key is exact attention, and it runs end to end through load_offloaded and the CLI."""
+off-device key is exact attention, every scanned key is attended (exact V in memory, the 4-bit copy on
+disk past each head's top-k), and it runs end to end through load_offloaded and the CLI."""
 
 import subprocess
 import sys
@@ -90,26 +91,62 @@ def test_query_aware_index_scanning_everything_is_exact_and_keeps_clusters_even(
     assert (few[0, :, 2560:] == -1).all() and (np.sort(few[0, :, :2560], 1) == np.arange(2560)).all()
 
 
-def _run(model, ids, tokens):
+def test_cluster_moments_follow_adds_and_splits():
+    rng = np.random.default_rng(7)
+    ix = WhitenedIVF(2, 16, cluster_size=32, scan=0.05)
+    ix.learn(rng.normal(size=(2, 200, 16)))
+    for t in range(40):  # drifting keys: clusters are split as they grow
+        ix.add((rng.normal(size=(2, 64, 16)) + t * 0.5).astype(np.float32))
+    ix.search(rng.normal(size=(2, 3, 16)).astype(np.float32), 5)
+    assert ix.centroids.shape[1] > 2560 // 32  # splits happened
+    for i in range(2):
+        for j in range(ix.centroids.shape[1]):
+            members = ix.keys[i, :ix.n][ix.assign[i] == j].astype(np.float64)
+            np.testing.assert_allclose(ix.m1[i, j].numpy(), members.sum(0), rtol=1e-4, atol=1e-2)
+            np.testing.assert_allclose(ix.m2[i, j].numpy(), (members ** 2).sum(0), rtol=1e-4, atol=1e-1)
+
+
+def test_a_spread_cluster_ranks_above_a_tight_one_of_a_slightly_higher_mean():
+    rng = np.random.default_rng(3)
+    e, f = np.eye(16, dtype=np.float32)[0], np.eye(16, dtype=np.float32)[1]
+    tight = 1.1 * e + 5 * f + 0.01 * rng.normal(size=(160, 16)).astype(np.float32)
+    spread = 1.0 * e - 5 * f + 0.01 * rng.normal(size=(160, 16)).astype(np.float32)
+    spread[:, 0] += 2 * rng.normal(size=160)  # along the query: some of its keys score far higher
+    ix = WhitenedIVF(1, 16, cluster_size=160, scan=0.3, whiten=False)
+    ix.add(np.concatenate([tight, spread])[None])
+    cand, valid, _, _ = ix.candidates(e[None, None])
+    assert set(cand[0][valid[0]]) == set(range(160, 320))  # one cluster fits the scan: the spread one
+
+
+def _run(model, ids, tokens, top_k=None, layers=None):
     ex = model.executor
     cache = ex.new_cache()
+    cache.top_k = top_k
     try:
         steps = [ex.forward(ids, cache, last_only=True)[:, -1]]
         for i in range(NEW - 1):
             steps.append(ex.forward(tokens[:, T + i:T + i + 1], cache)[:, -1])
+        if layers is not None:
+            layers.extend(cache[i] for i in range(len(cache.layers)))
         return torch.stack(steps, 1), cache.tier_blocks(), cache.scanned_fraction(), model.accountant.snapshot()
     finally:
         cache.free()
 
 
-@pytest.mark.parametrize("device", ["cpu", "fake-gpu"])
-def test_retrieval_with_every_key_is_exact(tmp_path, monkeypatch, device):
+def _reference(tmp_path, seed):
+    """A tiny llama checkpoint, a prompt batch [2, T] and transformers' greedy answer with its logits."""
     model_dir, hf = tiny_checkpoint(tmp_path, "llama")
-    ids = torch.randint(2, VOCAB - 1, (2, T), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, VOCAB - 1, (2, T), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
                           do_sample=False, pad_token_id=0, eos_token_id=EOS, output_logits=True,
                           return_dict_in_generate=True)
+    return model_dir, ids, out
+
+
+@pytest.mark.parametrize("device", ["cpu", "fake-gpu"])
+def test_retrieval_with_every_key_is_exact(tmp_path, monkeypatch, device):
+    model_dir, ids, out = _reference(tmp_path, seed=1)
     monkeypatch.setattr(retrieval, "TOP_K", 1000)  # more than the off-device keys: the merge must be exact
     model = load_offloaded(model_dir, device=device, attention="retrieval", kv_budget=80_000)
     logits, tiers, scanned, mem = _run(model, ids, out.sequences)
@@ -118,6 +155,25 @@ def test_retrieval_with_every_key_is_exact(tmp_path, monkeypatch, device):
     assert mem["cpu"]["kv_index_bytes"] > 0  # the index is accounted ...
     assert model.accountant.snapshot()["cpu"]["kv_index_bytes"] == 0  # ... and given back with the cache
     assert not over_budget(model)
+
+
+def test_every_scanned_key_is_attended_exact_in_memory_and_from_the_4bit_copy_on_disk(tmp_path, monkeypatch):
+    model_dir, ids, out = _reference(tmp_path, seed=2)
+    ref = torch.stack(out.logits, 1)
+    monkeypatch.setattr(retrieval, "TOP_K", 2)  # far fewer than the off-device keys (the index scans all of them)
+    gpu = load_offloaded(model_dir, device="fake-gpu", attention="retrieval", kv_budget=80_000)
+    logits, tiers, _, _ = _run(gpu, ids, out.sequences)
+    assert tiers.get("cpu", 0) > 0 and not tiers.get("disk")  # off the device, in RAM: every V row exact
+    assert (logits - ref).abs().max().item() <= 1e-4
+    cpu = load_offloaded(model_dir, device="cpu", attention="retrieval", kv_budget=80_000)
+    layers = []
+    logits, tiers, _, mem = _run(cpu, ids, out.sequences, layers=layers)
+    assert tiers.get("disk", 0) > 0  # on disk: the best 2 per head read exact, the other scanned keys 4-bit
+    scanned_err = (logits - ref).abs().max().item()
+    assert mem["cpu"]["kv_index_bytes"] >= sum(l.ann.nbytes() + l.low.nbytes() for l in layers) > 0
+    top_only, _, _, _ = _run(cpu, ids, out.sequences, top_k=2)  # the old path: the best 2 keys per head, nothing else
+    top_err = (top_only - ref).abs().max().item()
+    assert scanned_err < top_err / 4, (scanned_err, top_err)
 
 
 def test_retrieval_generates_through_load_offloaded(tmp_path, monkeypatch):

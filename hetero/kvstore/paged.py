@@ -106,16 +106,13 @@ class DiskBlocks:
         assert n == self.block_bytes, "short read from the KV block file"
         self.read_bytes += n
 
-    def read_row(self, slot: int, part: str, b: int, kh: int, t: int) -> torch.Tensor:
-        """One token's k or v row [D] of a block (retrieval gathers single tokens)."""
-        B, K, bs, D = self.shape
-        row = torch.empty(D, dtype=self.dtype)
-        n = row.numel() * self.dtype.itemsize
-        off = slot * self.block_bytes + (self.block_bytes // 2 if part == "v" else 0) + ((b * K + kh) * bs + t) * n
-        got = os.preadv(self.fd, [row.view(torch.uint8).numpy()], off)
-        assert got == n, "short read from the KV block file"
+    def read_values(self, slot: int) -> torch.Tensor:
+        """The v half [B, K, bs, D] of a block (retrieval gathers rows of the blocks it needs, one read each)."""
+        v = torch.empty(self.shape, dtype=self.dtype)
+        n = os.preadv(self.fd, self._views(v), slot * self.block_bytes + self.block_bytes // 2)
+        assert n == self.block_bytes // 2, "short read from the KV block file"
         self.read_bytes += n
-        return row
+        return v
 
     def close(self):
         self.file.close()
@@ -188,10 +185,10 @@ class PagedLayer:
             tier = "disk"
         src.release(blk.slot)  # marks the slot free; its data stays until the next block is written
         blk.tier, blk.slot = tier, slot
-        self.offloaded(blk, k)
+        self.offloaded(blk, k, v)
 
-    def offloaded(self, blk: Block, k: torch.Tensor):
-        """Hook: `blk` (keys k [B, K, bs, D]) has just left the compute tier; retrieval indexes it here."""
+    def offloaded(self, blk: Block, k: torch.Tensor, v: torch.Tensor):
+        """Hook: `blk` (k, v [B, K, bs, D]) has just left the compute tier; retrieval indexes it here."""
 
     # ------------------------------------------------------------ attention
 

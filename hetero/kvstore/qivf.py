@@ -9,9 +9,12 @@ query distribution, and q·k = (A⁻¹ q)·(A k) keeps the scores exact. C is le
 queries of the prefill (a running sum, D×D per head).
 
 Search is batched over every (sequence, kv head) of a layer and the G query heads of each group
-share one candidate set: clusters are ranked by the best centroid score over the group's heads and
-taken until `scan` × n keys are gathered; those keys are scored exactly and the top-k kept per
-query head. No Python loop runs per head or per cluster at search time.
+share one candidate set. Clusters are ranked by the softmax weight their keys are expected to get,
+best over the group's heads: with a cluster's per-dimension key mean μ and variance σ² (kept as
+running sums), log E[exp(scale q·k)] ≈ scale q·μ + scale²/2 Σ q² σ², so a spread cluster whose tail
+reaches high scores ranks above a tight one of equal mean (long_context.py measures the attention
+output cosines this gives). Clusters are taken until `scan` × n keys are gathered; those keys are
+scored exactly. No Python loop runs per head or per cluster at search time.
 
 Keys are added in blocks; each new key joins its nearest centroid. The clustering is re-trained
 when the keys have doubled since the last training (amortised O(1) per key).
@@ -53,11 +56,13 @@ class WhitenedIVF:
         scan: share of each head's keys gathered and scored exactly per search (plus the centroids) ...
         max_scan: ... but at most this many keys, so a search's cost stops growing with the context.
         whiten: False clusters the raw keys (the "keys only" baseline of the benchmark).
+        scale: the attention's score scale (default D^-½), for the spread term of the cluster ranking.
     """
 
     def __init__(self, heads: int, dim: int, cluster_size: int = 64, scan: float = 0.3, max_scan: int | None = None,
-                 whiten: bool = True, seed: int = 1):
+                 whiten: bool = True, seed: int = 1, scale: float | None = None):
         self.h, self.dim, self.cluster_size, self.scan, self.whiten = heads, dim, cluster_size, scan, whiten
+        self.scale = dim ** -0.5 if scale is None else scale
         self.max_scan = max_scan
         self.seed = seed
         self.keys = np.empty((heads, 0, dim), np.float32)  # [h, capacity, D]; ids are the order added
@@ -68,6 +73,8 @@ class WhitenedIVF:
         self.A = self.Ainv = self.centroids = None  # [h, D, D] x2, [h, c, D]
         self.assign = np.empty((heads, 0), np.int32)  # [h, n] cluster of each key
         self.order = self.starts = None  # [h, n] key ids sorted by cluster, [h, c + 1] cluster offsets
+        self.m1 = self.m2 = None  # [h, c, D] float32: Σ k and Σ k² of each cluster's keys (raw, per dim)
+        self.mean = self.var = None  # [h, c, D] float32, from m1, m2 at the last sort
 
     @property
     def ntotal(self) -> int:
@@ -90,7 +97,9 @@ class WhitenedIVF:
         self.keys[:, self.n:self.n + b] = keys
         self.n += b
         if self.trained_at:
-            self.assign = np.concatenate([self.assign, self._nearest(keys)], axis=1)
+            new = self._nearest(keys)  # [h, b]
+            self.assign = np.concatenate([self.assign, new], axis=1)
+            self._moments(np.repeat(np.arange(self.h), b), new.ravel(), keys.reshape(-1, self.dim))
             self._split()
             self.order = None  # sorted at the next search: a prefill adds many blocks and searches none
         elif self.n >= MIN_BUILD:
@@ -114,6 +123,9 @@ class WhitenedIVF:
             cents.append(km.centroids)
         self.centroids = np.stack(cents).astype(np.float32)
         self.assign = self._nearest(self.keys[:, :n])
+        self.m1 = self.m2 = None
+        for i in range(self.h):
+            self._moments(np.full(n, i), self.assign[i], self.keys[i, :n])
         self.trained_at = n
         self._sort()
 
@@ -127,6 +139,7 @@ class WhitenedIVF:
         if not len(big[0]):
             return
         grown = [[] for _ in range(self.h)]
+        moved = []  # (head, split cluster, its members): their moments move once the new clusters exist
         for i, j in zip(*big):
             members = np.nonzero(self.assign[i] == j)[0]
             parts = -(-len(members) // self.cluster_size)
@@ -137,6 +150,7 @@ class WhitenedIVF:
             self.centroids[i, j] = km.centroids[0]
             self.assign[i, members] = np.where(a[:, 0] == 0, j, base + a[:, 0]).astype(np.int32)
             grown[i].extend(km.centroids[1:])
+            moved.append((i, j, members))
         # heads share the cluster count: pad the heads that split less with empty clusters far away
         extra = max(len(g) for g in grown)
         pad = np.full((self.h, extra, self.dim), 0, np.float32)
@@ -145,6 +159,24 @@ class WhitenedIVF:
                 pad[i, :len(g)] = np.stack(g)
             pad[i, len(g):] = EMPTY_CENTROID
         self.centroids = np.concatenate([self.centroids, pad], axis=1)
+        for i, j, members in moved:
+            heads, rows = np.full(len(members), i), self.keys[i, members]
+            self._moments(heads, np.full(len(members), j), rows, -1.0)
+            self._moments(heads, self.assign[i, members], rows)
+
+    def _moments(self, heads: np.ndarray, clusters: np.ndarray, keys: np.ndarray, sign: float = 1.0):
+        """Add (sign -1: take away) keys [N, D] to the sums of their clusters (heads [N], clusters [N])."""
+        c = self.centroids.shape[1]
+        if self.m1 is None:
+            self.m1, self.m2 = (torch.zeros(self.h, c, self.dim) for _ in range(2))
+        elif self.m1.shape[1] < c:  # clusters were split: room for the new ones
+            more = torch.zeros(self.h, c - self.m1.shape[1], self.dim)
+            self.m1, self.m2 = torch.cat([self.m1, more], 1), torch.cat([self.m2, more], 1)
+        idx = torch.from_numpy(np.asarray(heads, np.int64) * c + np.asarray(clusters, np.int64))
+        for a in range(0, len(idx), 1 << 14):  # in chunks: squaring every key at once would copy them all
+            k = torch.from_numpy(np.ascontiguousarray(keys[a:a + (1 << 14)], dtype=np.float32))
+            self.m1.view(-1, self.dim).index_add_(0, idx[a:a + (1 << 14)], k, alpha=sign)
+            self.m2.view(-1, self.dim).index_add_(0, idx[a:a + (1 << 14)], k * k, alpha=sign)
 
     def _nearest(self, keys: np.ndarray) -> np.ndarray:
         """Cluster [h, b] of keys [h, b, D]: the nearest centroid to the whitened key."""
@@ -156,6 +188,9 @@ class WhitenedIVF:
         self.order = np.argsort(self.assign, axis=1, kind="stable").astype(np.int32)  # [h, n]
         counts = np.stack([np.bincount(a, minlength=c) for a in self.assign])  # [h, c]
         self.starts = np.concatenate([np.zeros((self.h, 1), np.int64), np.cumsum(counts, 1)], axis=1)
+        n = torch.from_numpy(np.maximum(counts, 1)).float()[..., None]  # clusters stay small: float32 sums keep
+        mean = self.m1 / n
+        self.mean, self.var = mean.numpy(), (self.m2 / n - mean * mean).clamp_min(0).numpy()
 
     def search(self, queries: np.ndarray, k: int):
         """Top-k keys of each query.
@@ -164,23 +199,40 @@ class WhitenedIVF:
             queries: [h, G, D] (the G query heads of a group share one candidate set).
             k: keys per query.
         Returns:
-            (ids [h, G, k] int64, -1 where fewer than k keys; keys scanned per head [h], centroids included).
+            (ids [h, G, k] int64, -1 where fewer than k keys; keys scanned per head [h], two per cluster ranked included).
         """
         q = np.asarray(queries, np.float32)
-        h, G, _ = q.shape
+        cand, valid, keys, scanned = self.candidates(q, least=k)
+        return self._rescore(q, cand, keys, valid, k), scanned
+
+    def candidates(self, queries: np.ndarray, least: int = 1):
+        """The keys a search scores exactly: each head's probed clusters, shared by its G query heads.
+
+        Args:
+            queries: [h, G, D].
+            least: clusters are probed until at least this many keys are gathered, even past the scan budget.
+        Returns:
+            (ids [h, C] int64 (0 in padding), valid [h, C] bool, keys [h, C, D] float32 tensor,
+             keys scanned per head [h], two per cluster ranked included).
+        """
+        q = np.asarray(queries, np.float32)
+        h = q.shape[0]
         if not self.trained_at:  # too few keys for an index: score them all
-            cand = np.broadcast_to(np.arange(self.n), (h, self.n))
-            return self._rescore(q, cand, self.keys[:, :self.n], np.ones((h, self.n), bool), k), np.full(h, float(self.n))
+            cand = np.ascontiguousarray(np.broadcast_to(np.arange(self.n), (h, self.n)))
+            return cand, np.ones((h, self.n), bool), torch.from_numpy(self.keys[:, :self.n]), np.full(h, float(self.n))
         if self.order is None:
             self._sort()
         c = self.centroids.shape[1]
-        cs = _bmm(_bmm(q, self.Ainv), self.centroids.transpose(0, 2, 1)).max(1)  # [h, c]: best score over the group
+        # a cluster's expected softmax weight per key, log E[exp(s)] ~ scale q·mean + scale²/2 Σ q² var
+        # (Gaussian scores), best over the group: it ranks spread clusters above tight ones of equal mean
+        cs = (self.scale * _bmm(q, self.mean.transpose(0, 2, 1))
+              + self.scale ** 2 / 2 * _bmm(q * q, self.var.transpose(0, 2, 1))).max(1)  # [h, c]
         counts = np.diff(self.starts, axis=1)  # [h, c]
         rank = np.argsort(-np.where(counts > 0, cs, -np.inf), axis=1)  # [h, c]: empty (padding) clusters last
         sizes = np.take_along_axis(counts, rank, 1)  # [h, c] in rank order
         before = np.cumsum(sizes, 1) - sizes  # keys gathered before each ranked cluster
         budget = self.scan * self.n if self.max_scan is None else min(self.scan * self.n, self.max_scan)
-        take = before < max(k, budget)  # [h, c]: clusters probed (the first always)
+        take = before < max(least, budget)  # [h, c]: clusters probed (the first always)
         hh, r = np.nonzero(take)
         lens = sizes[hh, r]
         first = self.starts[hh, rank[hh, r]]  # where each probed cluster starts in its head's order
@@ -198,7 +250,7 @@ class WhitenedIVF:
         flat = torch.from_numpy(self.keys).view(-1, self.dim)  # [h * capacity, D]
         rows = torch.from_numpy(cand + np.arange(h)[:, None] * self.keys.shape[1])
         keys = flat.index_select(0, rows.view(-1)).view(h, width, self.dim)  # one gather for every head
-        return self._rescore(q, cand, keys, valid, k), (per + c).astype(np.float64)
+        return cand, valid, keys, (per + 2 * c).astype(np.float64)  # ranking scores a mean and a spread per cluster
 
     @staticmethod
     def _rescore(q, cand, keys, valid, k):
@@ -215,7 +267,8 @@ class WhitenedIVF:
         return ids.astype(np.int64)
 
     def nbytes(self) -> int:
-        """Memory held: keys (float32), assignment and sorted order (int32), centroids and whitening."""
-        extra = 0 if self.centroids is None else self.centroids.nbytes + 2 * self.h * self.dim ** 2 * 4 + self.h * 8 * (
+        """Memory held: keys (float32), assignment and sorted order (int32), centroids, whitening and each
+        cluster's key moments and their mean / spread (float32)."""
+        extra = 0 if self.centroids is None else 5 * self.centroids.nbytes + 2 * self.h * self.dim ** 2 * 4 + self.h * 8 * (
             self.centroids.shape[1] + 1)
         return self.h * self.n * (self.dim * 4 + 8) + self.qsum.nbytes + extra

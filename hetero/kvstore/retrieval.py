@@ -1,28 +1,38 @@
-"""Retrieval attention: decode queries attend exactly to the resident blocks and to their top-k keys
-among the blocks off the compute device, found through a per-KV-head index; the two parts are merged
+"""Retrieval attention: decode queries attend exactly to the resident blocks and to the keys a
+per-KV-head index finds for them among the blocks off the compute device; the two parts are merged
 with log-sum-exp.
 
     resident (sinks, recent window, blocks the KV budget keeps on the device) -> exact, (o_r, lse_r)
-    off-device blocks -> index.search(every KV head in one call; a group's G query heads share candidates) -> top-k ids
-                      -> gather their K (from the index) and V (from RAM or disk) -> (o_t, lse_t)
+    off-device blocks -> index.candidates(every KV head in one call; a group's G query heads share them)
+                      -> their K (the index's copy), scored exactly
+                      -> their V: exact from RAM; from disk, exact for each head's best TOP_K, the
+                         4-bit copy (int4rows.Int4Rows) for the rest -> (o_t, lse_t)
     o = merge(o_r, lse_r, o_t, lse_t)
+
+The index scores every candidate exactly anyway, so attending to all of them, not only each head's
+best top_k, drops far less of the softmax mass: flat heads spread theirs past any top-200. Past the
+top_k, V rows on disk come from the 4-bit copy kept in RAM beside the index, as a disk read per row
+would cost more than the row is worth (benchmarks/long_context.py measures the output cosines and
+the end-to-end agreement of both paths; `top_k=` on the cache keeps the top-k-only path).
 
 Prefill stays exact (it needs every key anyway) and feeds the index its real queries: the
 query-aware index (qivf.WhitenedIVF, chosen by the measurements in benchmarks/long_context.py)
-clusters keys in the space whitened by the queries' second moment. With top-k at least the number
-of off-device keys the result equals exact attention.
+clusters keys in the space whitened by the queries' second moment. Scanning every key, with V in
+memory or TOP_K past the number of off-device keys, the result equals exact attention.
 
-Shape legend: B batch, H query heads, K kv heads, G = H // K, D head dim, k retrieved keys per query head.
+Shape legend: B batch, H query heads, K kv heads, G = H // K, D head dim, k retrieved keys per query
+head, C candidates per KV head.
 """
 
 import numpy as np
 import torch
 
 from .attention import Accumulator, partial_attention_gathered
+from .int4rows import Int4Rows
 from .paged import PagedKVCache, PagedLayer, chunked_attention
 from .qivf import WhitenedIVF
 
-TOP_K = 200  # keys retrieved per query head and decode step (output cosine p5 0.990 at 100, 0.995 at 200)
+TOP_K = 200  # per query head and step, the scanned keys whose V is read exact from disk (the rest: 4-bit)
 SCAN = 0.3  # share of off-device keys each group scores exactly: recall@100 0.96 on SmolLM2 at 8K (long_context.py)
 MAX_SCAN = 4096  # ... but no more keys than this per group, so a search costs the same at 32K as at 128K
 
@@ -37,6 +47,7 @@ class RetrievalLayer(PagedLayer):
         super().__init__(owner, index)
         self.ann = None  # one index for the layer: [B * K] key sets
         self.pos: list[int] = []  # position of each indexed key (ids are given in the order added)
+        self.low = None  # Int4Rows: the 4-bit V copy of the indexed keys, same ids
         self.index_bytes = 0
 
     def _index(self, B: int, K: int, D: int):
@@ -45,14 +56,17 @@ class RetrievalLayer(PagedLayer):
         return self.ann
 
     def _account(self):
-        now = self.ann.nbytes()
+        now = self.ann.nbytes() + self.low.nbytes()
         if now > self.index_bytes:
             self.owner.reserve_index(now - self.index_bytes)
             self.index_bytes = now
 
-    def offloaded(self, blk, k):
+    def offloaded(self, blk, k, v):
         B, K, bs, D = k.shape
         self._index(B, K, D).add(k.float().cpu().reshape(B * K, bs, D).numpy())
+        if self.low is None:
+            self.low = Int4Rows(B * K, v.shape[3])
+        self.low.add(v.cpu().reshape(B * K, bs, v.shape[3]))
         self.pos.extend(range(blk.start, blk.start + bs))
         self._account()
 
@@ -70,11 +84,45 @@ class RetrievalLayer(PagedLayer):
         for kk, vv, kpos in self.resident_segments():
             acc.add(*chunked_attention(q, kk, vv, scale, qpos, kpos, window))
         acc.add(*chunked_attention(q, k, v, scale, qpos, qpos, window))
-        kt, vt, valid = self._retrieve(q, K, G, window)
-        acc.add(*partial_attention_gathered(q, kt, vt, scale, valid))
+        if self.owner.top_k is None:
+            o, lse = self._attend_scanned(q, K, G, scale, window)
+            acc.add(o.to(q.device), lse.to(q.device))
+        else:
+            kt, vt, valid = self._retrieve(q, K, G, window)
+            acc.add(*partial_attention_gathered(q, kt, vt, scale, valid))
         self._account()
         self.append(k, v)
         return acc.o.to(q.dtype)
+
+    def _attend_scanned(self, q, K: int, G: int, scale: float, window):
+        """Attention (o [B, H, 1, D], lse [B, H, 1], float32 on the cpu) over every off-device key the
+        index scans for a group: V exact where its block is in memory, and on disk for the best TOP_K
+        of each query head; the 4-bit copy for the rest of the disk rows."""
+        B, H, _, D = q.shape
+        o, ix = self.owner, self.ann
+        qg = q[:, :, 0].float().cpu().reshape(B * K, G, D)
+        cand, valid, keys, scanned = ix.candidates(qg.numpy())  # [BK, C] x2, [BK, C, D]
+        o.scanned += float(scanned.sum())
+        o.searched += ix.ntotal * B * K
+        pos = np.asarray(self.pos)[cand]  # [BK, C]
+        if window is not None:
+            valid &= pos > self.length - window
+        s = torch.bmm(qg, keys.transpose(1, 2)) * scale  # [BK, G, C]
+        s.masked_fill_(~torch.from_numpy(valid)[:, None, :], float("-inf"))
+        lse = torch.logsumexp(s, -1)  # [BK, G]
+        p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])  # a head with no key: 0
+        on_disk = np.array([b.tier == "disk" for b in self.blocks])[pos // o.block_tokens]  # [BK, C]
+        exact = ~on_disk
+        if on_disk.any():
+            best = torch.topk(s, min(TOP_K, s.shape[2]), dim=2).indices.numpy()  # [BK, G, k]
+            exact[np.arange(B * K)[:, None, None], best] = True  # a row any head of the group ranks high
+        exact &= valid
+        vals = self.low.gather(cand)  # [BK, C, D]
+        bk, c = np.nonzero(exact)
+        if len(bk):
+            vals[torch.from_numpy(bk), torch.from_numpy(c)] = self._values_at(bk // K, bk % K, pos[bk, c]).float()
+        out = torch.bmm(p, vals)  # [BK, G, D]
+        return out.reshape(B, H, 1, D), lse.reshape(B, H, 1)
 
     def _retrieve(self, q, K: int, G: int, window):
         """Top-k keys per query head among the off-device ones: (k, v [B, H, k, D], valid [B, H, k])."""
@@ -97,21 +145,29 @@ class RetrievalLayer(PagedLayer):
 
     def _gather_values(self, pos: np.ndarray, K: int, G: int, dtype) -> torch.Tensor:
         """V rows [B, H, k, D] of the tokens at `pos` [B, H, k], from their blocks' home tiers."""
-        o = self.owner
-        bs = o.block_tokens
         B, H, n = pos.shape
-        out = torch.empty(B, H, n, o._shape[3], dtype=dtype)
-        tier_of = np.array([b.tier for b in self.blocks])[pos // bs]  # [B, H, k]
-        row = np.array([b.slot for b in self.blocks])[pos // bs] * bs + pos % bs  # token slot in its arena / block
         bb = np.broadcast_to(np.arange(B)[:, None, None], pos.shape)
         kh = np.broadcast_to((np.arange(H) // G)[None, :, None], pos.shape)
+        return self._values_at(bb.ravel(), kh.ravel(), pos.ravel()).to(dtype).view(B, H, n, -1)
+
+    def _values_at(self, b: np.ndarray, kh: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        """V rows [N, D] (cache dtype, cpu) of sequence b[i], kv head kh[i], position pos[i]."""
+        o = self.owner
+        bs = o.block_tokens
+        out = torch.empty(len(pos), o._shape[3], dtype=o._shape[4])
+        tier_of = np.array([blk.tier for blk in self.blocks])[pos // bs]  # [N]
+        row = np.array([blk.slot for blk in self.blocks])[pos // bs] * bs + pos % bs  # token slot in its arena / block
         for tier, arena in self.arenas.items():
             m = tier_of == tier
             if m.any():
-                idx = [torch.from_numpy(np.ascontiguousarray(x[m])).to(arena.v.device) for x in (bb, kh, row)]
+                idx = [torch.from_numpy(np.ascontiguousarray(x[m])).to(arena.v.device) for x in (b, kh, row)]
                 out[torch.from_numpy(m)] = arena.v[idx[0], idx[1], idx[2]].cpu()
-        for b, h, j in zip(*np.nonzero(tier_of == "disk")):
-            out[b, h, j] = o.disk.read_row(row[b, h, j] // bs, "v", b, kh[b, h, j], row[b, h, j] % bs)
+        disk = np.nonzero(tier_of == "disk")[0]
+        slots = row[disk] // bs
+        for slot in np.unique(slots):  # one read per block, not per row: rows of a block come together
+            at = disk[slots == slot]
+            v = o.disk.read_values(int(slot))  # [B, K, bs, D]
+            out[torch.from_numpy(at)] = v[torch.from_numpy(b[at]), torch.from_numpy(kh[at]), torch.from_numpy(row[at] % bs)]
         return out
 
 
@@ -119,7 +175,9 @@ class RetrievalKVCache(PagedKVCache):
     """A PagedKVCache whose decode steps use retrieval attention for the blocks off the compute device.
 
     Args: those of PagedKVCache, and
-        top_k: keys retrieved per query head per decode step.
+        top_k: None (the default): attend to every key the index scans (each group's probed clusters,
+            scored exactly anyway), V from disk exact only for each head's best TOP_K (see above);
+            an int: to the best top_k of them per query head only, every V row exact.
         index: a callable(heads, dim) -> index of a layer's off-device keys (default make_index).
     """
 
@@ -127,7 +185,7 @@ class RetrievalKVCache(PagedKVCache):
 
     def __init__(self, *args, top_k: int | None = None, index=None, **kw):
         super().__init__(*args, **kw)
-        self.top_k = top_k or TOP_K
+        self.top_k = top_k
         self.make_index = index or make_index
         self.scanned = self.searched = 0  # keys scanned / keys searched over, summed over searches
         self.index_reserved = 0
