@@ -74,7 +74,7 @@ class WhitenedIVF:
         self.assign = np.empty((heads, 0), np.int32)  # [h, n] cluster of each key
         self.order = self.starts = None  # [h, n] key ids sorted by cluster, [h, c + 1] cluster offsets
         self.m1 = self.m2 = None  # [h, c, D] float32: Σ k and Σ k² of each cluster's keys (raw, per dim)
-        self.mean = self.var = None  # [h, c, D] float32, from m1, m2 at the last sort
+        self.mean = self.var = None  # [h, D, c] float32, from m1, m2 at the last sort
 
     @property
     def ntotal(self) -> int:
@@ -190,7 +190,9 @@ class WhitenedIVF:
         self.starts = np.concatenate([np.zeros((self.h, 1), np.int64), np.cumsum(counts, 1)], axis=1)
         n = torch.from_numpy(np.maximum(counts, 1)).float()[..., None]  # clusters stay small: float32 sums keep
         mean = self.m1 / n
-        self.mean, self.var = mean.numpy(), (self.m2 / n - mean * mean).clamp_min(0).numpy()
+        var = (self.m2 / n - mean * mean).clamp_min(0)
+        # kept as [h, D, c]: a search multiplies by them as they are (a transposed view would be copied)
+        self.mean, self.var = (t.transpose(1, 2).contiguous().numpy() for t in (mean, var))
 
     def search(self, queries: np.ndarray, k: int):
         """Top-k keys of each query.
@@ -225,8 +227,7 @@ class WhitenedIVF:
         c = self.centroids.shape[1]
         # a cluster's expected softmax weight per key, log E[exp(s)] ~ scale q·mean + scale²/2 Σ q² var
         # (Gaussian scores), best over the group: it ranks spread clusters above tight ones of equal mean
-        cs = (self.scale * _bmm(q, self.mean.transpose(0, 2, 1))
-              + self.scale ** 2 / 2 * _bmm(q * q, self.var.transpose(0, 2, 1))).max(1)  # [h, c]
+        cs = (self.scale * _bmm(q, self.mean) + self.scale ** 2 / 2 * _bmm(q * q, self.var)).max(1)  # [h, c]
         counts = np.diff(self.starts, axis=1)  # [h, c]
         rank = np.argsort(-np.where(counts > 0, cs, -np.inf), axis=1)  # [h, c]: empty (padding) clusters last
         sizes = np.take_along_axis(counts, rank, 1)  # [h, c] in rank order
