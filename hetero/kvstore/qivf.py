@@ -53,7 +53,7 @@ class WhitenedIVF:
         heads: independent key sets (e.g. batch × kv heads), searched in one call.
         dim: head dim D.
         cluster_size: keys per cluster aimed at (clusters = n // cluster_size at training).
-        scan: share of each head's keys gathered and scored exactly per search (plus the centroids) ...
+        scan: share of each head's keys gathered and scored exactly per search (plus the cluster ranking) ...
         max_scan: ... but at most this many keys, so a search's cost stops growing with the context.
         whiten: False clusters the raw keys (the "keys only" baseline of the benchmark).
         scale: the attention's score scale (default D^-½), for the spread term of the cluster ranking.
