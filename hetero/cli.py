@@ -401,7 +401,8 @@ def profile(disk_dir, refresh, as_json):
 @click.option("--profile", "profile_file", type=click.Path(), help="A profile JSON (`hetero profile --json`) instead of this machine's.")
 @click.option("--save", type=click.Path(), help="Write the plan JSON here, for `hetero run --plan`.")
 @click.option("--trace", "trace_file", type=click.Path(),
-              help="MoE: a routing trace of this model (`hetero trace`): place experts and predict caches by it.")
+              help="MoE: a routing trace of this model (`hetero trace`): place experts and predict caches by it "
+                   "(default: the one next to the model, if any).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens, profile_file, save, trace_file,
           as_json):

@@ -127,6 +127,25 @@ def test_a_routing_trace_places_experts_and_predicts_the_caches(tmp_path, capsys
     assert plain["predicted"]["decode_s_per_token"] != runs[True]["predicted"]["decode_s_per_token"]
 
 
+def test_the_trace_next_to_the_model_is_used_without_being_named(tmp_path, capsys, profile_file):
+    d = _config_dir(tmp_path, "Mixtral-8x7B")
+    base = ["--ram", "40GB", "--context", "1024", "--json", "--profile", profile_file]
+    named = _trace_file(tmp_path / "named.safetensors", range(32), 8, 2, True)
+    code, out, err = _plan(capsys, d, *base, "--trace", named)
+    assert code == 0, err
+    with_flag = json.loads(out)
+    _trace_file(d / "routing-trace.safetensors", range(32), 8, 2, True)  # what `hetero trace` leaves there
+    code, out, err = _plan(capsys, d, *base)
+    assert code == 0, err
+    found = json.loads(out)
+    assert any("next to the model" in n for n in found["notes"])
+    assert found["predicted"] == with_flag["predicted"]
+    _trace_file(d / "routing-trace.safetensors", range(32), 4, 2, True)  # a stale one, of another shape: a note
+    code, out, err = _plan(capsys, d, *base)
+    assert code == 0, err
+    assert any("4 experts" in n and "placed without it" in n for n in json.loads(out)["notes"])
+
+
 def test_a_trace_of_another_model_is_refused_in_one_line(tmp_path, capsys, profile_file):
     d = _config_dir(tmp_path, "Mixtral-8x7B")
     t = _trace_file(tmp_path / "t.safetensors", range(32), 4, 2, True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..checkpoint.catalogue import Catalogue
+from ..checkpoint.catalogue import SIDE_FILES, Catalogue
 from ..config import ModelArgs
 from ..errors import HeteroError
 from ..models import family_for
@@ -148,7 +148,8 @@ def describe_dir(path, dtype=None) -> ModelDesc:
     """
     path = Path(path)
     args = ModelArgs.from_dir(path)
-    has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    has_weights = (any(p.name not in SIDE_FILES for p in path.glob("*.safetensors"))  # a trace alone is no weights
+                   or (path / "model.safetensors.index.json").is_file())
     if has_weights:
         cat = Catalogue(path)
         try:

@@ -2,6 +2,7 @@
 
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 from ..experts.replay import replay_window
 from ..sizes import format_size
@@ -144,12 +145,14 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     Budgets default as when loading: the accelerator's memory, 80% of the RAM available now.
     trace_file: a routing trace (`hetero trace`) of this MoE model: experts are placed by its
     frequencies and the expert caches replayed on it, as loading does with a trace beside the model.
+    Default: the trace `hetero trace` left beside the model, if there is one (a note says so).
     (Nothing ties it to these weights here — none are read — so only its shape is checked.)
     """
     import psutil
 
     from .. import store
     from ..errors import HeteroError
+    from ..experts.recording import TRACE_FILE
     from ..sizes import parse_size
     from .describe import describe_dir
     from .hardware import Profile, ensure_profile
@@ -178,13 +181,23 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     if context is not None and not 0 < context <= max_ctx:
         raise HeteroError(f"--context {context}: this model supports 1 to {max_ctx} tokens")
     workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu=None if kind != "fake-gpu" else "fake-gpu")
+    trace = None
     if trace_file is not None:
         trace = _matching_trace(trace_file, desc)
-        workload = replace(workload, expert_freq=trace.frequencies(), routing_trace=replay_window(trace))
         notes.append(f"experts placed by the routing trace {trace_file} ({trace.num_tokens} tokens)")
+    elif (Path(path) / TRACE_FILE).is_file() and any(g.kind == "expert" for g in desc.groups):
+        # what loading uses too (where it also checks the router weights; none are read here)
+        try:
+            trace = _matching_trace(Path(path) / TRACE_FILE, desc)
+            notes.append(f"experts placed by the routing trace next to the model ({trace.num_tokens} tokens; "
+                         "--trace picks another)")
+        except HeteroError as e:
+            notes.append(f"{e}: experts are placed without it")
+    if trace is not None:
+        workload = replace(workload, expert_freq=trace.frequencies(), routing_trace=replay_window(trace))
     budgets = {"gpu": vram_b if compute == "gpu" else None, "cpu": ram_b}
     plan, prediction = make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None,
-                                 profile, workload, planner, routing_known=trace_file is not None)
+                                 profile, workload, planner, routing_known=trace is not None)
     if context is None and plan.kv_tokens < min(4096, max_ctx):
         notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
     label = Speeds(profile, compute, workload).label
