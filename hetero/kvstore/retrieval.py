@@ -46,9 +46,24 @@ class RetrievalLayer(PagedLayer):
     def __init__(self, owner, index):
         super().__init__(owner, index)
         self.ann = None  # one index for the layer: [B * K] key sets
-        self.pos: list[int] = []  # position of each indexed key (ids are given in the order added)
+        self._pos = np.empty(0, np.int64)  # position of each indexed key (ids are given in the order added)
+        self.indexed = 0
         self.low = None  # Int4Rows: the 4-bit V copy of the indexed keys, same ids
+        self._table = self._table_key = None
         self.index_bytes = 0
+
+    @property
+    def pos(self) -> np.ndarray:
+        return self._pos[:self.indexed]
+
+    def _block_table(self):
+        """(tier [blocks] str, slot [blocks] int) of this layer's blocks: a decode step looks rows up in
+        them, so they are rebuilt only when a block is added or leaves the compute tier (it is indexed)."""
+        key = (len(self.blocks), self.indexed)
+        if self._table_key != key:
+            self._table = np.array([b.tier for b in self.blocks]), np.array([b.slot for b in self.blocks])
+            self._table_key = key
+        return self._table
 
     def _index(self, B: int, K: int, D: int):
         if self.ann is None:
@@ -67,14 +82,17 @@ class RetrievalLayer(PagedLayer):
         if self.low is None:
             self.low = Int4Rows(B * K, v.shape[3])
         self.low.add(v.cpu().reshape(B * K, bs, v.shape[3]))
-        self.pos.extend(range(blk.start, blk.start + bs))
+        if self.indexed + bs > len(self._pos):  # grown by doubling: a step reads it, never copies it
+            self._pos = np.concatenate([self._pos[:self.indexed], np.empty(max(len(self._pos), bs, 1024), np.int64)])
+        self._pos[self.indexed:self.indexed + bs] = np.arange(blk.start, blk.start + bs)
+        self.indexed += bs
         self._account()
 
     def attend(self, q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
         B, H, T, D = q.shape
         K = k.shape[1]
         G = H // K
-        if T > 1 or not self.pos:
+        if T > 1 or not self.indexed:
             if T > 1:
                 # the second moment of every prefill query (D x D per kv head), before this chunk's keys are indexed
                 self._index(B, K, D).learn(q.float().cpu().reshape(B * K, G * T, D).numpy())
@@ -104,14 +122,14 @@ class RetrievalLayer(PagedLayer):
         cand, valid, keys, scanned = ix.candidates(qg.numpy())  # [BK, C] x2, [BK, C, D]
         o.scanned += float(scanned.sum())
         o.searched += ix.ntotal * B * K
-        pos = np.asarray(self.pos)[cand]  # [BK, C]
+        pos = self.pos[cand]  # [BK, C]
         if window is not None:
             valid &= pos > self.length - window
         s = torch.bmm(qg, keys.transpose(1, 2)) * scale  # [BK, G, C]
         s.masked_fill_(~torch.from_numpy(valid)[:, None, :], float("-inf"))
         lse = torch.logsumexp(s, -1)  # [BK, G]
         p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])  # a head with no key: 0
-        on_disk = np.array([b.tier == "disk" for b in self.blocks])[pos // o.block_tokens]  # [BK, C]
+        on_disk = self._block_table()[0][pos // o.block_tokens] == "disk"  # [BK, C]
         exact = ~on_disk
         if on_disk.any():
             best = torch.topk(s, min(TOP_K, s.shape[2]), dim=2).indices.numpy()  # [BK, G, k]
@@ -136,7 +154,7 @@ class RetrievalLayer(PagedLayer):
         ids = np.where(valid, ids, 0)
         kt = ix.keys[np.arange(B * K)[:, None, None], ids].reshape(B, H, topk, D)  # from the index's own copy
         ids, valid = ids.reshape(B, H, topk), valid.reshape(B, H, topk)
-        pos = np.asarray(self.pos)[ids]  # [B, H, k]
+        pos = self.pos[ids]  # [B, H, k]
         if window is not None:
             valid &= pos > self.length - window
         vt = self._gather_values(pos, K, G, q.dtype)
@@ -155,8 +173,9 @@ class RetrievalLayer(PagedLayer):
         o = self.owner
         bs = o.block_tokens
         out = torch.empty(len(pos), o._shape[3], dtype=o._shape[4])
-        tier_of = np.array([blk.tier for blk in self.blocks])[pos // bs]  # [N]
-        row = np.array([blk.slot for blk in self.blocks])[pos // bs] * bs + pos % bs  # token slot in its arena / block
+        tiers, slots = self._block_table()
+        tier_of = tiers[pos // bs]  # [N]
+        row = slots[pos // bs] * bs + pos % bs  # token slot in its arena / block
         for tier, arena in self.arenas.items():
             m = tier_of == tier
             if m.any():
