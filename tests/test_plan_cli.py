@@ -143,7 +143,9 @@ def test_the_trace_next_to_the_model_is_used_without_being_named(tmp_path, capsy
     _trace_file(d / "routing-trace.safetensors", range(32), 4, 2, True)  # a stale one, of another shape: a note
     code, out, err = _plan(capsys, d, *base)
     assert code == 0, err
-    assert any("4 experts" in n and "placed without it" in n for n in json.loads(out)["notes"])
+    notes = json.loads(out)["notes"]
+    assert any("4 experts" in n and "placed without it" in n and "next to the model" in n for n in notes)
+    assert not any("--trace" in n and "4 experts" in n for n in notes)  # the user gave no --trace
 
 
 def test_a_trace_of_another_model_is_refused_in_one_line(tmp_path, capsys, profile_file):

@@ -182,9 +182,9 @@ class RetrievalLayer(PagedLayer):
                 idx = [torch.from_numpy(np.ascontiguousarray(x[m])).to(arena.v.device) for x in (b, kh, row)]
                 out[torch.from_numpy(m)] = arena.v[idx[0], idx[1], idx[2]].cpu()
         disk = np.nonzero(tier_of == "disk")[0]
-        slots = row[disk] // bs
-        for slot in np.unique(slots):  # one read per block, not per row: rows of a block come together
-            at = disk[slots == slot]
+        disk_slots = row[disk] // bs
+        for slot in np.unique(disk_slots):  # one read per block, not per row: rows of a block come together
+            at = disk[disk_slots == slot]
             v = o.disk.read_values(int(slot))  # [B, K, bs, D]
             out[torch.from_numpy(at)] = v[torch.from_numpy(b[at]), torch.from_numpy(kh[at]), torch.from_numpy(row[at] % bs)]
         return out

@@ -116,20 +116,22 @@ def report(desc: ModelDesc, plan: Plan, prediction, workload: Workload, compute_
     }
 
 
-def _matching_trace(trace_file, desc: ModelDesc):
-    """The RoutingTrace in `trace_file`; HeteroError unless its MoE layers, experts and top-k are desc's."""
+def _matching_trace(trace_file, desc: ModelDesc, label: str | None = None):
+    """The RoutingTrace in `trace_file`; HeteroError (naming it as `label`, default "--trace FILE")
+    unless its MoE layers, experts and top-k are desc's."""
     from ..errors import HeteroError
     from ..experts.trace import RoutingTrace
 
+    label = label or f"--trace {trace_file}"
     trace = RoutingTrace.load(trace_file)
     layers = sorted({g.layer for g in desc.groups if g.kind == "expert"})
     if not layers:
-        raise HeteroError(f"--trace {trace_file}: {desc.args.model_type} is a dense model; routing traces are for MoE models")
+        raise HeteroError(f"{label}: {desc.args.model_type} is a dense model; routing traces are for MoE models")
     E = 1 + max(g.expert for g in desc.groups if g.kind == "expert")
     mine = (layers, E, desc.args.num_experts_per_tok)
     theirs = (list(trace.layers), trace.num_experts, trace.top_k)
     if mine != theirs:
-        raise HeteroError(f"--trace {trace_file}: recorded on MoE layers {_span(theirs[0])}, {theirs[1]} experts, top-{theirs[2]}; "
+        raise HeteroError(f"{label}: recorded on MoE layers {_span(theirs[0])}, {theirs[1]} experts, top-{theirs[2]}; "
                           f"this model has layers {_span(layers)}, {E} experts, top-{mine[2]}")
     return trace
 
@@ -188,7 +190,7 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     elif (Path(path) / TRACE_FILE).is_file() and any(g.kind == "expert" for g in desc.groups):
         # what loading uses too (where it also checks the router weights; none are read here)
         try:
-            trace = _matching_trace(Path(path) / TRACE_FILE, desc)
+            trace = _matching_trace(Path(path) / TRACE_FILE, desc, f"{TRACE_FILE} next to the model")
             notes.append(f"experts placed by the routing trace next to the model ({trace.num_tokens} tokens; "
                          "--trace picks another)")
         except HeteroError as e:
