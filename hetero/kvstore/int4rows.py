@@ -45,11 +45,14 @@ class Int4Rows:
 
     def gather(self, ids: np.ndarray) -> torch.Tensor:
         """Rows [h, C, D] float32 of ids [h, C] (each head its own ids)."""
-        idx = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-        heads = torch.arange(self.h)[:, None]
-        packed = self.codes[heads, idx]  # [h, C, ceil(D/2)]
-        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)[..., :self.dim]  # [h, C, D]
-        return (q.float() - (LEVELS + 1)) * self.scales[heads, idx][..., None]
+        ids = np.asarray(ids, dtype=np.int64)
+        C = ids.shape[1]
+        # one index_select on the flattened store [h * capacity, ...]: far faster than a 2-d gather
+        flat = torch.from_numpy((ids + np.arange(self.h)[:, None] * self.codes.shape[1]).ravel())
+        packed = self.codes.view(-1, self.half).index_select(0, flat)  # [h * C, ceil(D/2)]
+        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)[..., :self.dim]  # [h * C, D]
+        rows = (q.float() - (LEVELS + 1)) * self.scales.view(-1).index_select(0, flat)[:, None]
+        return rows.view(self.h, C, self.dim)
 
     def nbytes(self) -> int:
         return self.h * self.n * (self.half + 4)

@@ -100,8 +100,10 @@ class WhitenedIVF:
             new = self._nearest(keys)  # [h, b]
             self.assign = np.concatenate([self.assign, new], axis=1)
             self._moments(np.repeat(np.arange(self.h), b), new.ravel(), keys.reshape(-1, self.dim))
-            self._split()
-            self.order = None  # sorted at the next search: a prefill adds many blocks and searches none
+            if self._split() or self.order is None:
+                self.order = None  # sorted at the next search: a prefill adds many blocks and searches none
+            else:  # a decode step's block: slot its keys into the sorted order, O(n) and no sort
+                self._insert(new)
         elif self.n >= MIN_BUILD:
             self.train()
 
@@ -137,7 +139,7 @@ class WhitenedIVF:
         counts = np.stack([np.bincount(a, minlength=self.centroids.shape[1]) for a in self.assign])  # [h, c]
         big = np.nonzero(counts > SPLIT * self.cluster_size)
         if not len(big[0]):
-            return
+            return False
         grown = [[] for _ in range(self.h)]
         moved = []  # (head, split cluster, its members): their moments move once the new clusters exist
         for i, j in zip(*big):
@@ -163,6 +165,7 @@ class WhitenedIVF:
             heads, rows = np.full(len(members), i), self.keys[i, members]
             self._moments(heads, np.full(len(members), j), rows, -1.0)
             self._moments(heads, self.assign[i, members], rows)
+        return True
 
     def _moments(self, heads: np.ndarray, clusters: np.ndarray, keys: np.ndarray, sign: float = 1.0):
         """Add (sign -1: take away) keys [N, D] to the sums of their clusters (heads [N], clusters [N])."""
@@ -185,7 +188,8 @@ class WhitenedIVF:
 
     def _sort(self):
         c = self.centroids.shape[1]
-        self.order = np.argsort(self.assign, axis=1, kind="stable").astype(np.int32)  # [h, n]
+        a = self.assign.astype(np.uint16) if c <= 1 << 16 else self.assign  # 16-bit keys: numpy radix-sorts them, 7x faster
+        self.order = np.argsort(a, axis=1, kind="stable").astype(np.int32)  # [h, n]
         counts = np.stack([np.bincount(a, minlength=c) for a in self.assign])  # [h, c]
         self.starts = np.concatenate([np.zeros((self.h, 1), np.int64), np.cumsum(counts, 1)], axis=1)
         n = torch.from_numpy(np.maximum(counts, 1)).float()[..., None]  # clusters stay small: float32 sums keep
@@ -193,6 +197,21 @@ class WhitenedIVF:
         var = (self.m2 / n - mean * mean).clamp_min(0)
         # kept as [h, D, c]: a search multiplies by them as they are (a transposed view would be copied)
         self.mean, self.var = (t.transpose(1, 2).contiguous().numpy() for t in (mean, var))
+
+    def _insert(self, new: np.ndarray):
+        """Put the keys just added (ids n - b .. n - 1, clusters new [h, b]) at the ends of their clusters in
+        the sorted order, as a stable sort would, and refresh those clusters' mean and spread."""
+        h, b = new.shape
+        c = self.centroids.shape[1]
+        ids = np.arange(self.n - b, self.n, dtype=np.int32)
+        self.order = np.stack([np.insert(self.order[i], self.starts[i, new[i] + 1], ids) for i in range(h)])
+        self.starts[:, 1:] += np.cumsum(np.stack([np.bincount(a, minlength=c) for a in new]), 1)
+        hh, jj = np.divmod(np.unique(np.arange(h)[:, None] * c + new), c)  # touched (head, cluster) pairs
+        n = torch.from_numpy(np.maximum(self.starts[hh, jj + 1] - self.starts[hh, jj], 1)).float()[:, None]
+        hi, ji = torch.from_numpy(hh), torch.from_numpy(jj)
+        mean = self.m1[hi, ji] / n  # [t, D]
+        var = (self.m2[hi, ji] / n - mean * mean).clamp_min(0)
+        self.mean[hh, :, jj], self.var[hh, :, jj] = mean.numpy(), var.numpy()
 
     def search(self, queries: np.ndarray, k: int):
         """Top-k keys of each query.
@@ -229,11 +248,11 @@ class WhitenedIVF:
         # (Gaussian scores), best over the group: it ranks spread clusters above tight ones of equal mean
         cs = (self.scale * _bmm(q, self.mean) + self.scale ** 2 / 2 * _bmm(q * q, self.var)).max(1)  # [h, c]
         counts = np.diff(self.starts, axis=1)  # [h, c]
-        rank = np.argsort(-np.where(counts > 0, cs, -np.inf), axis=1)  # [h, c]: empty (padding) clusters last
-        sizes = np.take_along_axis(counts, rank, 1)  # [h, c] in rank order
-        before = np.cumsum(sizes, 1) - sizes  # keys gathered before each ranked cluster
         budget = self.scan * self.n if self.max_scan is None else min(self.scan * self.n, self.max_scan)
-        take = before < max(least, budget)  # [h, c]: clusters probed (the first always)
+        want = max(least, budget)
+        rank, sizes = self._ranked(np.where(counts > 0, cs, -np.inf), counts, want)  # [h, m] x2
+        before = np.cumsum(sizes, 1) - sizes  # keys gathered before each ranked cluster
+        take = before < want  # [h, m]: clusters probed (the first always)
         hh, r = np.nonzero(take)
         lens = sizes[hh, r]
         first = self.starts[hh, rank[hh, r]]  # where each probed cluster starts in its head's order
@@ -252,6 +271,21 @@ class WhitenedIVF:
         rows = torch.from_numpy(cand + np.arange(h)[:, None] * self.keys.shape[1])
         keys = flat.index_select(0, rows.view(-1)).view(h, width, self.dim)  # one gather for every head
         return cand, valid, keys, (per + 2 * c).astype(np.float64)  # ranking scores a mean and a spread per cluster
+
+    @staticmethod
+    def _ranked(score: np.ndarray, counts: np.ndarray, want: float):
+        """The best-scored clusters (ids [h, m], sizes [h, m], best first), enough of them to hold `want`
+        keys in every head: a partial sort of twice the clusters needed on average, all of them if short."""
+        h, c = score.shape
+        m = min(c, int(2 * want * c / max(1, counts.sum() / h)) + 8)
+        if m < c:
+            top = np.argpartition(-score, m - 1, axis=1)[:, :m]  # [h, m], unordered
+            rank = np.take_along_axis(top, np.argsort(-np.take_along_axis(score, top, 1), axis=1), 1)
+            sizes = np.take_along_axis(counts, rank, 1)
+            if (sizes.sum(1) >= want).all():
+                return rank, sizes
+        rank = np.argsort(-score, axis=1)  # empty (padding) clusters last
+        return rank, np.take_along_axis(counts, rank, 1)
 
     @staticmethod
     def _rescore(q, cand, keys, valid, k):
