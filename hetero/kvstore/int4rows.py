@@ -46,13 +46,19 @@ class Int4Rows:
     def gather(self, ids: np.ndarray) -> torch.Tensor:
         """Rows [h, C, D] float32 of ids [h, C] (each head its own ids)."""
         ids = np.asarray(ids, dtype=np.int64)
-        C = ids.shape[1]
-        # one index_select on the flattened store [h * capacity, ...]: far faster than a 2-d gather
-        flat = torch.from_numpy((ids + np.arange(self.h)[:, None] * self.codes.shape[1]).ravel())
-        packed = self.codes.view(-1, self.half).index_select(0, flat)  # [h * C, ceil(D/2)]
-        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)[..., :self.dim]  # [h * C, D]
-        rows = (q.float() - (LEVELS + 1)) * self.scales.view(-1).index_select(0, flat)[:, None]
-        return rows.view(self.h, C, self.dim)
+        return self._rows(ids + np.arange(self.h)[:, None] * self.codes.shape[1]).view(self.h, ids.shape[1], self.dim)
+
+    def rows(self, head: int, ids: np.ndarray) -> torch.Tensor:
+        """Rows [N, D] float32 of one head's ids [N]."""
+        return self._rows(np.asarray(ids, dtype=np.int64) + head * self.codes.shape[1])
+
+    def _rows(self, flat: np.ndarray) -> torch.Tensor:
+        """Rows [N, D] at flat positions [...] of the store [h * capacity]: one index_select, far faster
+        than a 2-d gather."""
+        flat = torch.from_numpy(np.ascontiguousarray(flat).ravel())
+        packed = self.codes.view(-1, self.half).index_select(0, flat)  # [N, ceil(D/2)]
+        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2)[..., :self.dim]  # [N, D]
+        return (q.float() - (LEVELS + 1)) * self.scales.view(-1).index_select(0, flat)[:, None]
 
     def nbytes(self) -> int:
         return self.h * self.n * (self.half + 4)

@@ -7,7 +7,9 @@ with log-sum-exp.
                       -> their K (the index's copy), scored exactly
                       -> their V: exact from RAM; from disk, exact for each head's best TOP_K, the
                          4-bit copy (int4rows.Int4Rows) for the rest -> (o_t, lse_t)
-    o = merge(o_r, lse_r, o_t, lse_t)
+                      -> the clusters it did not probe, each as its size x exp(mean score) x mean
+                         value (a lower bound of their mass, qivf._rest) -> (o_u, lse_u)
+    o = merge(o_r, lse_r, o_t, lse_t, o_u, lse_u)
 
 The index scores every candidate exactly anyway, so attending to all of them, not only each head's
 best top_k, drops far less of the softmax mass: flat heads spread theirs past any top-200. Past the
@@ -27,7 +29,7 @@ head, C candidates per KV head.
 import numpy as np
 import torch
 
-from .attention import Accumulator, partial_attention_gathered
+from .attention import Accumulator, merge, partial_attention_gathered
 from .int4rows import Int4Rows
 from .paged import PagedKVCache, PagedLayer, chunked_attention
 from .qivf import WhitenedIVF
@@ -35,6 +37,7 @@ from .qivf import WhitenedIVF
 TOP_K = 200  # per query head and step, the scanned keys whose V is read exact from disk (the rest: 4-bit)
 SCAN = 0.3  # share of off-device keys each group scores exactly: recall@100 0.97 on SmolLM2 at 8K (long_context.py)
 MAX_SCAN = 4096  # ... but no more keys than this per group, so a search costs the same at 32K as at 128K
+REST = True  # attend to the unprobed clusters too, each as its size x expected weight x mean value (qivf._rest)
 TIER_CODES = {"gpu": 0, "cpu": 1, "disk": 2}
 DISK = TIER_CODES["disk"]
 
@@ -71,6 +74,8 @@ class RetrievalLayer(PagedLayer):
     def _index(self, B: int, K: int, D: int):
         if self.ann is None:
             self.ann = self.owner.make_index(B * K, D)
+            if hasattr(self.ann, "value_rows"):  # per-cluster value sums from the 4-bit copy, for the rest estimate
+                self.ann.value_rows = lambda head, ids: self.low.rows(head, ids)
         return self.ann
 
     def _account(self):
@@ -81,10 +86,11 @@ class RetrievalLayer(PagedLayer):
 
     def offloaded(self, blk, k, v):
         B, K, bs, D = k.shape
-        self._index(B, K, D).add(k.float().cpu().reshape(B * K, bs, D).numpy())
         if self.low is None:
             self.low = Int4Rows(B * K, v.shape[3])
-        self.low.add(v.cpu().reshape(B * K, bs, v.shape[3]))
+        vv = v.cpu().reshape(B * K, bs, v.shape[3])
+        self.low.add(vv)  # first: the index reads its clusters' value sums from it when it trains
+        self._index(B, K, D).add(k.float().cpu().reshape(B * K, bs, D).numpy(), vv)
         if self.indexed + bs > len(self._pos):  # grown by doubling: a step reads it, never copies it
             self._pos = np.concatenate([self._pos[:self.indexed], np.empty(max(len(self._pos), bs, 1024), np.int64)])
         self._pos[self.indexed:self.indexed + bs] = np.arange(blk.start, blk.start + bs)
@@ -122,7 +128,9 @@ class RetrievalLayer(PagedLayer):
         B, H, _, D = q.shape
         o, ix = self.owner, self.ann
         qg = q[:, :, 0].float().cpu().reshape(B * K, G, D)
-        cand, valid, keys, scanned = ix.candidates(qg.numpy())  # [BK, C] x2, [BK, C, D]
+        rest = REST and window is None  # the unprobed clusters' estimate covers every position: not windows
+        found = ix.candidates(qg.numpy(), rest=True) if rest else ix.candidates(qg.numpy())
+        cand, valid, keys, scanned = found[:4]  # [BK, C] x2, [BK, C, D]
         o.scanned += float(scanned.sum())
         o.searched += ix.ntotal * B * K
         pos = self.pos[cand]  # [BK, C]
@@ -147,6 +155,8 @@ class RetrievalLayer(PagedLayer):
             rows = self._values_at(bk[at] // K, bk[at] % K, pos.ravel()[at], tiers.ravel()[at]).float()
             vals.index_copy_(0, torch.from_numpy(at), rows)
         out = torch.bmm(p, vals.view(B * K, -1, D))  # [BK, G, D]
+        if rest:
+            out, lse = merge(out, lse, *found[4])
         return out.reshape(B, H, 1, D), lse.reshape(B, H, 1)
 
     def _retrieve(self, q, K: int, G: int, window):
