@@ -100,6 +100,7 @@ def test_cluster_moments_follow_adds_and_splits():
         ix.add((rng.normal(size=(2, 64, 16)) + t * 0.5).astype(np.float32))
     ix.search(rng.normal(size=(2, 3, 16)).astype(np.float32), 5)
     assert ix.centroids.shape[1] > 2560 // 32  # splits happened
+    np.testing.assert_array_equal(ix.counts, [np.bincount(a, minlength=ix.centroids.shape[1]) for a in ix.assign])
     for i in range(2):
         for j in range(ix.centroids.shape[1]):
             members = ix.keys[i, :ix.n][ix.assign[i] == j].astype(np.float64)

@@ -74,6 +74,8 @@ class WhitenedIVF:
         self.trained_at = 0  # n when the clusters were last trained (0: not trained)
         self.A = self.Ainv = self.centroids = None  # [h, D, D] x2, [h, c, D]
         self.assign = np.empty((heads, 0), np.int32)  # [h, n] cluster of each key
+        self.counts = None  # [h, c] keys per cluster, kept with assign
+        self._near = None  # (|centroid|² [h, 1, c], centroidsᵀ [h, D, c]) for _nearest, until the centroids change
         self.order = self.starts = None  # [h, n] key ids sorted by cluster, [h, c + 1] cluster offsets
         self.m1 = self.m2 = None  # [h, c, D] float32: Σ k and Σ k² of each cluster's keys (raw, per dim)
         self.mean = self.var = None  # [h, D, c] float32, from m1, m2 at the last sort
@@ -107,6 +109,7 @@ class WhitenedIVF:
         if self.trained_at:
             new = self._nearest(keys)  # [h, b]
             self.assign = np.concatenate([self.assign, new], axis=1)
+            self.counts += self._count(new)
             heads = np.repeat(np.arange(self.h), b)
             self._moments(heads, new.ravel(), keys.reshape(-1, self.dim))
             if self.v1 is not None:
@@ -135,7 +138,9 @@ class WhitenedIVF:
             km.train(np.ascontiguousarray(kw[i]))
             cents.append(km.centroids)
         self.centroids = np.stack(cents).astype(np.float32)
+        self._near = None
         self.assign = self._nearest(self.keys[:, :n])
+        self.counts = self._count(self.assign)
         self.m1 = self.m2 = None
         for i in range(self.h):
             self._moments(np.full(n, i), self.assign[i], self.keys[i, :n])
@@ -151,10 +156,10 @@ class WhitenedIVF:
 
         Later keys drift from the early ones (new content, new positions), so without this the clusters
         trained on the first keys swell; splitting locally costs O(cluster) and keeps them even."""
-        counts = np.stack([np.bincount(a, minlength=self.centroids.shape[1]) for a in self.assign])  # [h, c]
-        big = np.nonzero(counts > SPLIT * self.cluster_size)
+        big = np.nonzero(self.counts > SPLIT * self.cluster_size)
         if not len(big[0]):
             return False
+        self._near = None
         grown = [[] for _ in range(self.h)]
         moved = []  # (head, split cluster, its members): their moments move once the new clusters exist
         for i, j in zip(*big):
@@ -176,6 +181,10 @@ class WhitenedIVF:
                 pad[i, :len(g)] = np.stack(g)
             pad[i, len(g):] = EMPTY_CENTROID
         self.centroids = np.concatenate([self.centroids, pad], axis=1)
+        self.counts = np.concatenate([self.counts, np.zeros((self.h, extra), np.int64)], axis=1)
+        for i, j, members in moved:  # only the split clusters' members moved
+            self.counts[i, j] -= len(members)
+            self.counts[i] += np.bincount(self.assign[i, members], minlength=self.counts.shape[1])
         for i, j, members in moved:
             heads, rows = np.full(len(members), i), self.keys[i, members]
             self._moments(heads, np.full(len(members), j), rows, -1.0)
@@ -210,17 +219,26 @@ class WhitenedIVF:
             self.m1.view(-1, self.dim).index_add_(0, idx[a:a + (1 << 14)], k, alpha=sign)
             self.m2.view(-1, self.dim).index_add_(0, idx[a:a + (1 << 14)], k * k, alpha=sign)
 
+    def _count(self, assign: np.ndarray) -> np.ndarray:
+        """Keys per cluster [h, c] of the assignments [h, m]."""
+        return np.stack([np.bincount(a, minlength=self.centroids.shape[1]) for a in assign])
+
     def _nearest(self, keys: np.ndarray) -> np.ndarray:
         """Cluster [h, b] of keys [h, b, D]: the nearest centroid to the whitened key."""
-        d = (self.centroids ** 2).sum(-1)[:, None, :] - 2 * _bmm(_bmm(keys, self.A), self.centroids.transpose(0, 2, 1))  # [h, b, c]
+        if self._near is None:  # kept: a block's b keys would otherwise copy every centroid
+            self._near = ((self.centroids ** 2).sum(-1)[:, None, :],
+                          np.ascontiguousarray(self.centroids.transpose(0, 2, 1)))
+        norms, cT = self._near
+        d = norms - 2 * _bmm(_bmm(keys, self.A), cT)  # [h, b, c]
         return d.argmin(-1).astype(np.int32)
 
     def _sort(self):
         c = self.centroids.shape[1]
         a = self.assign.astype(np.uint16) if c <= 1 << 16 else self.assign  # 16-bit keys: numpy radix-sorts them, 7x faster
         self.order = np.argsort(a, axis=1, kind="stable").astype(np.int32)  # [h, n]
-        counts = np.stack([np.bincount(a, minlength=c) for a in self.assign])  # [h, c]
+        counts = self.counts
         self.starts = np.concatenate([np.zeros((self.h, 1), np.int64), np.cumsum(counts, 1)], axis=1)
+        self.logn = np.log(np.maximum(counts, 1)).astype(np.float32)  # [h, c], for _rest
         n = torch.from_numpy(np.maximum(counts, 1)).float()[..., None]  # clusters stay small: float32 sums keep
         mean = self.m1 / n
         var = (self.m2 / n - mean * mean).clamp_min(0)
@@ -237,6 +255,7 @@ class WhitenedIVF:
         self.starts[:, 1:] += np.cumsum(np.stack([np.bincount(a, minlength=c) for a in new]), 1)
         hh, jj = np.divmod(np.unique(np.arange(h)[:, None] * c + new), c)  # touched (head, cluster) pairs
         n = torch.from_numpy(np.maximum(self.starts[hh, jj + 1] - self.starts[hh, jj], 1)).float()[:, None]
+        self.logn[hh, jj] = np.log(n[:, 0].numpy())
         hi, ji = torch.from_numpy(hh), torch.from_numpy(jj)
         mean = self.m1[hi, ji] / n  # [t, D]
         var = (self.m2[hi, ji] / n - mean * mean).clamp_min(0)
@@ -280,7 +299,7 @@ class WhitenedIVF:
         # (Gaussian scores), best over the group: it ranks spread clusters above tight ones of equal mean
         cm = self.scale * _bmm(q, self.mean)  # [h, G, c]: each cluster's mean score
         cs = (cm + self.scale ** 2 / 2 * _bmm(q * q, self.var)).max(1)  # [h, c]
-        counts = np.diff(self.starts, axis=1)  # [h, c]
+        counts = self.counts  # [h, c], as the sorted order has them
         budget = self.scan * self.n if self.max_scan is None else min(self.scan * self.n, self.max_scan)
         want = max(least, budget)
         rank, sizes = self._ranked(np.where(counts > 0, cs, -np.inf), counts, want)  # [h, m] x2
@@ -321,12 +340,16 @@ class WhitenedIVF:
         do not have (the ranking's spread term, added here, overshot by up to 1.8 nats on SmolLM2's
         unprobed clusters and lost end-to-end agreement; this lower bound gained it)."""
         left = ~probed & (counts > 0)  # [h, c]
-        z = torch.from_numpy(cm + np.log(np.maximum(counts, 1)).astype(np.float32)[:, None, :])  # [h, G, c]
-        z.masked_fill_(~torch.from_numpy(left)[:, None, :], float("-inf"))
-        lse = torch.logsumexp(z, -1)  # [h, G]
-        w = torch.exp(z - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])  # [h, G, c]
-        w = w / torch.from_numpy(np.maximum(counts, 1)).float()[:, None, :]
-        return torch.bmm(w, self.v1), lse  # v1 grows with the clusters: [h, c, Dv]
+        # numpy for the small elementwise steps: torch would wake its thread pool for each of them
+        z = np.where(left[:, None, :], cm + self.logn[:, None, :], np.float32(-np.inf))  # [h, G, c]
+        top = z.max(-1, keepdims=True)  # [h, G, 1]
+        top = np.where(np.isfinite(top), top, np.float32(0))
+        e = np.exp(z - top)  # [h, G, c]
+        total = e.sum(-1)  # [h, G]
+        with np.errstate(divide="ignore"):
+            lse = np.log(total) + top[..., 0]  # -inf where nothing is left
+        w = e / (np.maximum(total, 1e-30)[..., None] * np.maximum(counts, 1)[:, None, :].astype(np.float32))
+        return torch.bmm(torch.from_numpy(w.astype(np.float32)), self.v1), torch.from_numpy(lse.astype(np.float32))
 
     def _nothing_left(self, q: np.ndarray):
         dv = self.v1.shape[2] if self.v1 is not None else self.dim
