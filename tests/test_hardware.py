@@ -92,4 +92,6 @@ def test_matvec_call_is_fitted_within_each_round_so_drift_between_rounds_cancels
 
 def test_matvec_call_measures_a_cost_per_call():
     c = probes.matvec_call("cpu", torch.float32, quick=True)
-    assert 0 < c < 0.01
+    # a plausible per-call figure; not > 0: on a noisy host the median round's intercept can be clamped
+    # to 0 (the fit itself is checked on exact timings above), and a test must not depend on timing
+    assert 0 <= c < 0.01
