@@ -146,7 +146,7 @@ def real_attention(rec, n_queries, rng):
                     if name == CHOSEN:
                         vals = v[h:h + 1, SINK + a:SINK + min(a + 64, len(keys))].float()
                         low.add(vals)
-                        ix.add(keys[None, a:a + 64], vals)
+                        ix.add(keys[None, a:a + 64])
                     else:
                         ix.add(keys[None, a:a + 64])
                 for p in positions:

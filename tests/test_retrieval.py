@@ -118,8 +118,8 @@ def _valued_index(rng, heads=2, dim=16, n=3008, drift=0.0, scan=0.1):
     for a in range(0, n, 64):
         keys = (rng.normal(size=(heads, 64, dim)) + drift * a / 64).astype(np.float32)
         vals = torch.from_numpy(rng.normal(size=(heads, 64, dim)).astype(np.float32)) + 1.0
-        store[:, a:a + 64] = vals  # first, as RetrievalLayer does: training reads the values back
-        ix.add(keys, vals)
+        store[:, a:a + 64] = vals  # first, as RetrievalLayer does: the index reads the values back
+        ix.add(keys)
     return ix, store
 
 

@@ -75,6 +75,7 @@ class WhitenedIVF:
         self.A = self.Ainv = self.centroids = None  # [h, D, D] x2, [h, c, D]
         self.assign = np.empty((heads, 0), np.int32)  # [h, n] cluster of each key
         self.counts = None  # [h, c] keys per cluster, kept with assign
+        self.logn = None  # [h, c] float32 log(max(counts, 1)), from the last sort or insert
         self._near = None  # (|centroid|² [h, 1, c], centroidsᵀ [h, D, c]) for _nearest, until the centroids change
         self.order = self.starts = None  # [h, n] key ids sorted by cluster, [h, c + 1] cluster offsets
         self.m1 = self.m2 = None  # [h, c, D] float32: Σ k and Σ k² of each cluster's keys (raw, per dim)
@@ -95,9 +96,9 @@ class WhitenedIVF:
         self.qsum += np.einsum("hmd,hme->hde", q, q)
         self.qcount += q.shape[1]
 
-    def add(self, keys: np.ndarray, values: torch.Tensor | None = None):
-        """Append keys [h, b, D] (and their values [h, b, Dv] when value_rows is set); they get ids n,
-        n+1, ... in every head."""
+    def add(self, keys: np.ndarray):
+        """Append keys [h, b, D]; they get ids n, n+1, ... in every head. With value_rows set, the owner's
+        copy must hold their values already (the clusters' value sums read them from it)."""
         keys = np.asarray(keys, np.float32)
         b = keys.shape[1]
         if self.n + b > self.keys.shape[1]:
@@ -112,8 +113,9 @@ class WhitenedIVF:
             self.counts += self._count(new)
             heads = np.repeat(np.arange(self.h), b)
             self._moments(heads, new.ravel(), keys.reshape(-1, self.dim))
-            if self.v1 is not None:
-                self._value_sums(heads, new.ravel(), values.reshape(len(heads), -1))
+            if self.v1 is not None:  # from the owner's copy, as splits take them away: the sums stay consistent
+                for i in range(self.h):
+                    self._value_sums(np.full(b, i), new[i], self.value_rows(i, np.arange(self.n - b, self.n)))
             if self._split() or self.order is None:
                 self.order = None  # sorted at the next search: a prefill adds many blocks and searches none
             else:  # a decode step's block: slot its keys into the sorted order, O(n) and no sort

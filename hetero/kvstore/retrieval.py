@@ -37,7 +37,7 @@ from .qivf import WhitenedIVF
 TOP_K = 200  # per query head and step, the scanned keys whose V is read exact from disk (the rest: 4-bit)
 SCAN = 0.3  # share of off-device keys each group scores exactly: recall@100 0.97 on SmolLM2 at 8K (long_context.py)
 MAX_SCAN = 4096  # ... but no more keys than this per group, so a search costs the same at 32K as at 128K
-REST = True  # attend to the unprobed clusters too, each as its size x expected weight x mean value (qivf._rest)
+REST = True  # attend to the unprobed clusters too, each as its size x exp(mean score) x mean value (qivf._rest)
 TIER_CODES = {"gpu": 0, "cpu": 1, "disk": 2}
 DISK = TIER_CODES["disk"]
 
@@ -89,8 +89,8 @@ class RetrievalLayer(PagedLayer):
         if self.low is None:
             self.low = Int4Rows(B * K, v.shape[3])
         vv = v.cpu().reshape(B * K, bs, v.shape[3])
-        self.low.add(vv)  # first: the index reads its clusters' value sums from it when it trains
-        self._index(B, K, D).add(k.float().cpu().reshape(B * K, bs, D).numpy(), vv)
+        self.low.add(vv)  # first: the index reads its clusters' value sums from it
+        self._index(B, K, D).add(k.float().cpu().reshape(B * K, bs, D).numpy())
         if self.indexed + bs > len(self._pos):  # grown by doubling: a step reads it, never copies it
             self._pos = np.concatenate([self._pos[:self.indexed], np.empty(max(len(self._pos), bs, 1024), np.int64)])
         self._pos[self.indexed:self.indexed + bs] = np.arange(blk.start, blk.start + bs)
