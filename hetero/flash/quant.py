@@ -5,7 +5,7 @@ A weight W [R, C] is cut along its input dimension into groups of `group_size` c
 (qmax 127 for int8, 7 for int4). int4 packs two columns per byte: column 2i in the low nibble,
 2i+1 in the high one, each stored as q + 8.
 
-Dequantization runs as numba kernels on the CPU (writing the compute dtype directly, bfloat16
+Dequantization runs as numba kernels on the CPU (dequant_kernels.py; writing the compute dtype directly, bfloat16
 included) and as torch ops on an accelerator; both compute q * s in float32
 and round once to the output dtype, so they agree bit for bit.
 
@@ -51,7 +51,9 @@ def _numba_kernels():
     global _kernels
     if _kernels is None:
         try:
-            _kernels = _build_kernels()
+            from . import dequant_kernels
+
+            _kernels = dequant_kernels.to_f32, dequant_kernels.to_bf16
         except ImportError:
             from .reader import say_once
 
@@ -60,55 +62,7 @@ def _numba_kernels():
     return _kernels
 
 
-ROWS_PER_TASK = 64  # rows one parallel task dequantizes: large enough to amortise scheduling
 _launch = threading.Lock()  # numba's fallback threading layer (workqueue) must not be entered by two threads at once
-
-
-def _build_kernels():
-    import numba
-    import numpy as np
-
-    # Parallel over blocks of rows; each row goes in as 1-d views, and the inner loop runs a fixed
-    # group's length from a group's base: LLVM vectorizes that form, not q[r, c] over range(g*gs, ...).
-    # (That change made the kernels ~5x faster, bit for bit the same: benchmarks/ssd_bound.py's int8
-    # contender spent its whole decode step dequantizing before it.)
-    @numba.njit(fastmath=True, cache=True)
-    def row_f32(q, s, dst, bits, gs):  # q [C] or [C/2], s [G] -> dst [C] float32
-        if bits == 8:
-            for g in range(s.shape[0]):
-                sc, base = s[g], g * gs
-                for c in range(gs):
-                    dst[base + c] = np.float32(q[base + c]) * sc
-        else:
-            half = gs // 2
-            for g in range(s.shape[0]):
-                sc, base = s[g], g * half
-                for i in range(half):
-                    byte = np.int32(q[base + i])
-                    dst[2 * (base + i)] = np.float32((byte & 15) - 8) * sc
-                    dst[2 * (base + i) + 1] = np.float32((byte >> 4) - 8) * sc
-
-    @numba.njit(fastmath=True, cache=True, parallel=True)
-    def to_f32(q, s, out, bits, gs):
-        R = out.shape[0]
-        for blk in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            for r in range(blk * ROWS_PER_TASK, min(R, blk * ROWS_PER_TASK + ROWS_PER_TASK)):
-                row_f32(q[r], s[r], out[r], bits, gs)
-
-    @numba.njit(fastmath=True, cache=True, parallel=True)
-    def to_bf16(q, s, out, bits, gs):  # out: uint16 bit patterns of bfloat16, rounded to nearest even
-        R, C = out.shape
-        for blk in numba.prange((R + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            row = np.empty(C, np.float32)
-            b = row.view(np.uint32)
-            for r in range(blk * ROWS_PER_TASK, min(R, blk * ROWS_PER_TASK + ROWS_PER_TASK)):
-                row_f32(q[r], s[r], row, bits, gs)
-                o = out[r]
-                for c in range(C):
-                    x = b[c]
-                    o[c] = np.uint16((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-    return to_f32, to_bf16
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
