@@ -4,7 +4,7 @@ One command: generates (once) a dense Llama-architecture model of ~2.3 GB with r
 (speed does not depend on the values), its GGUF (same weights, tokenizer metadata from SmolLM2's
 GGUF), hetero packs (bf16 and int8), then decodes with each contender in a Linux memory cgroup (v1)
 limited to --limit-share of the model's size — the page cache charged to it too — with the page
-cache dropped before each:
+cache dropped before each, the contenders taking --rounds turns (the median run of each is reported):
 
     hetero bf16     load_offloaded(ram=limit - interpreter overhead), the bf16 pack, prefetch pipeline
     hetero int8     the same reading an int8 pack (half the bytes per token)
@@ -14,7 +14,7 @@ cache dropped before each:
 It prints tokens/s, the ratios, and hetero's ratio to the disk bound: bytes read from disk per
 token ÷ the disk's direct-read bandwidth from `hetero profile`. Run as root (cgroup, drop_caches).
 
-    python benchmarks/ssd_bound.py [--llama-python /work/bench-venv/bin/python] [--tokens 8]
+    python benchmarks/ssd_bound.py [--llama-python /work/bench-venv/bin/python] [--tokens 8] [--rounds 3]
 """
 
 import argparse
@@ -184,6 +184,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=str(default_workdir()))
     ap.add_argument("--tokens", type=int, default=8, help="decode steps timed per contender")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each contender, in turns; the median one is reported")
     ap.add_argument("--limit-share", type=float, default=0.4, help="memory limit as a share of the model's size")
     # 400 MiB: the int8 contender's process peaked at 845 MiB of anonymous memory (530 of it hetero's
     # accounted peak; numba adds ~36) and with 360 the cgroup's OOM killer took it one run in three
@@ -236,16 +237,27 @@ def main():
         "accelerate": (["--worker", "accelerate", "--ram", str(limit - a.overhead)], sys.executable, 1800),
     }
     only = set(a.only.split(",")) if a.only else set(contenders)
-    results = {}
-    for name, (argv, python, timeout) in contenders.items():
-        if name not in only:
-            continue
-        if not Path(python).exists():
-            results[name] = {"error": f"{python} not found"}
-            continue
-        print(f"running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...", file=sys.stderr)
-        results[name] = run_limited(__file__, "hetero_ssd", name, argv + common, limit, python, timeout)
-    report(results, size, limit, bw, bw_source, a, reader_bw)
+    runs = {}
+    for r in range(a.rounds):  # the contenders take turns, so the disk's drift over minutes meets them alike
+        for name, (argv, python, timeout) in contenders.items():
+            if name not in only:
+                continue
+            if not Path(python).exists():
+                runs[name] = [{"error": f"{python} not found"}]
+                continue
+            print(f"round {r + 1}/{a.rounds}: running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...",
+                  file=sys.stderr)
+            runs.setdefault(name, []).append(run_limited(__file__, "hetero_ssd", name, argv + common, limit, python, timeout))
+    report({name: median_run(rs) for name, rs in runs.items()}, size, limit, bw, bw_source, a, reader_bw)
+
+
+def median_run(runs: list) -> dict:
+    """A contender's run of median time per token (an error when none succeeded), with every round's time."""
+    ok = sorted((r for r in runs if "s_per_token" in r), key=lambda r: r["s_per_token"])
+    if not ok:
+        return runs[-1]
+    return {**ok[(len(ok) - 1) // 2], "rounds_s_per_token": [r.get("s_per_token") for r in runs],
+            "failed_rounds": [r["error"] for r in runs if "error" in r]}
 
 
 def report(results: dict, size: int, limit: int, bw: float, bw_source: str, a, reader_bw: float):
@@ -277,6 +289,9 @@ def report(results: dict, size: int, limit: int, bw: float, bw_source: str, a, r
         ratios["int8 / bf16 bytes read per token"] = ok["hetero-int8"]["disk_bytes_per_token"] / ok["hetero-bf16"]["disk_bytes_per_token"]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
+    for name, r in results.items():
+        if len(r.get("rounds_s_per_token") or []) > 1:
+            print(f"{name} s/token by round: " + ", ".join("failed" if t is None else f"{t:.2f}" for t in r["rounds_s_per_token"]))
     out = {"model_bytes": size, "limit_bytes": limit, "disk_bandwidth_bps": bw, "disk_bandwidth_source": bw_source,
            "reader_bandwidth_bps": reader_bw,
            "tokens": a.tokens, "results": results, "ratios": ratios}
