@@ -403,15 +403,17 @@ def profile(disk_dir, refresh, as_json):
 @click.option("--trace", "trace_file", type=click.Path(),
               help="MoE: a routing trace of this model (`hetero trace`): place experts and predict caches by it "
                    "(default: the one next to the model, if any).")
+@click.option("--pack", help="Plan for disk-tier weights read from a pack of this dtype, as `hetero run --pack`: bf16, "
+                             "fp16, float32, int8, int4 (int8-g32: group size 32); default the compute dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens, profile_file, save, trace_file,
-          as_json):
+          pack, as_json):
     """Plan MODEL's placement and predict its speed, from config.json and safetensors headers only (no weights read)."""
     from .placement.summary import plan_command
 
     say = (lambda *_: None) if as_json else (lambda m: err.print(m, markup=False))
     data, plan, rows = plan_command(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens,
-                                    profile_file, log=say, trace_file=trace_file)
+                                    profile_file, log=say, trace_file=trace_file, pack=pack)
     if save:
         plan.save(save)
     if as_json:
@@ -420,7 +422,7 @@ def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_
     out = Console(highlight=False)
     table = Table(title=f"{planner} plan for {data['model']} ({data['parameters'] / 1e9:.2f}B parameters, {data['dtype']}, "
                         f"{'config.json only' if data['source'] == 'config' else 'headers'}; {data['kv_tokens']}-token KV "
-                        f"on {data['compute']})", title_justify="left")
+                        f"on {data['compute']}; {data['pack']} pack)", title_justify="left")
     for col in ("layers", "placement", "size", "KV", "bottleneck", "ms/token"):
         table.add_column(col)
     for row in rows:
@@ -431,6 +433,9 @@ def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_
         cache = f", expert cache {format_size(u['expert_cache_bytes'])}" if u.get("expert_cache_bytes") else ""
         out.print(f"{tier}: {format_size(u['total_bytes'])}{budget} (weights {format_size(u['weights_bytes'])}, "
                   f"staging {format_size(u['staging_bytes'])}{cache}, KV {format_size(u['kv_bytes'])})", markup=False)
+    if data["weights_bytes"]["disk"]:
+        out.print(f"disk-tier weights read from a {data['pack']} pack of {format_size(data['pack_bytes'])} "
+                  "(written by the first run that needs it; --pack picks its dtype)", markup=False)
     p = data["predicted"]
     out.print(f"predicted on {data['compute_device']}: prefill {p['prefill_tokens_per_s']:.1f} tokens/s "
               f"({p['prompt_tokens']}-token prompt), decode {p['decode_tokens_per_s']:.2f} tokens/s "

@@ -33,6 +33,7 @@ def test_quick_measurement_is_cached_until_the_hardware_changes(tmp_path, monkey
     assert set(cpu["matvec"]) == {"float32", "bfloat16", "float16"}
     assert all(bps > 0 for table in cpu["matvec"].values() for _, bps in table)
     assert cpu["op_s"] > 0 and {"attn", "mlp", "step"} <= set(cpu["overheads"]["llama"])
+    assert set(cpu["dequant_bps"]) == set(cpu["matvec"]) and all(v > 0 for v in cpu["dequant_bps"].values())
     assert {"moe", "expert"} <= set(cpu["overheads"]["mixtral"])
     assert ("cuda" in p.compute) == torch.cuda.is_available()
     assert hardware.cached() == p and hardware.get_profile(quick=True) == p  # no second measurement

@@ -1,6 +1,7 @@
 """`hetero plan` on config-only directories of real models: consistent totals, clear errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -73,7 +74,8 @@ def test_budget_below_the_minimum_names_it(tmp_path, capsys, profile_file):
 
 @pytest.mark.parametrize("argv,message", [(["--ram", "12XB"], "cannot read '12XB' as a size"),
                                           (["--ram", "-5GB"], "cannot read"),
-                                          (["--ram", "8GB", "--context", "0"], "supports 1 to")])
+                                          (["--ram", "8GB", "--context", "0"], "supports 1 to"),
+                                          (["--ram", "8GB", "--pack", "int3"], "pack dtype 'int3': choose one of")])
 def test_nonsense_gets_a_clear_error_and_exit_code_2(tmp_path, capsys, profile_file, argv, message):
     d = _config_dir(tmp_path, "Qwen3-30B-A3B")
     code, out, err = _plan(capsys, d, *argv, "--profile", profile_file)
@@ -158,3 +160,31 @@ def test_a_trace_of_another_model_is_refused_in_one_line(tmp_path, capsys, profi
     assert code == 2 and "dense model" in err
     code, out, err = _plan(capsys, d, "--ram", "40GB", "--profile", profile_file, "--trace", tmp_path / "missing")
     assert code == 2 and "no such routing trace" in err
+
+
+def test_a_quantized_pack_is_planned_with_its_layout(tmp_path, capsys):
+    # Llama-3-70B in 32 GB of RAM streams most of its weights from a 1 GB/s disk: an int8 pack reads
+    # about half the bytes of the bf16 one and int4 about a quarter, and the predicted decode follows
+    # the bytes, less the decoding they cost the compute thread (dequant_bps)
+    slow = {mode: [[b, b / (b / 1e9 + 50e-6)] for b, _ in rows] for mode, rows in synthetic_profile().disk_read.items()}
+    profile_file = tmp_path / "profile.json"
+    replace(synthetic_profile(), disk_read=slow).save(profile_file)
+    d = _config_dir(tmp_path, "Llama-3-70B")
+    plans = {}
+    for pack in ("bf16", "int8", "int4"):
+        code, out, err = _plan(capsys, d, "--ram", "32GB", "--pack", pack, "--json", "--profile", profile_file)
+        assert code == 0, err
+        plans[pack] = json.loads(out)
+    bf16, int8, int4 = plans["bf16"], plans["int8"], plans["int4"]
+    assert (bf16["pack"], int8["pack"], int4["pack"]) == ("bfloat16", "int8-g64", "int4-g64")
+    assert bf16["pack_bytes"] >= bf16["model_bytes"]  # lossless: every byte, padded to 4 KiB extents
+    assert 0.5 < int8["pack_bytes"] / bf16["pack_bytes"] < 0.55  # 1 byte a weight + a float16 scale per 64
+    assert 0.25 < int4["pack_bytes"] / bf16["pack_bytes"] < 0.3
+    assert bf16["predicted"]["bottleneck"] == "disk read"
+    assert int4["predicted"]["decode_s_per_token"] < int8["predicted"]["decode_s_per_token"] < \
+        0.7 * bf16["predicted"]["decode_s_per_token"]
+    # the decoding is on the compute stream: 1 byte -> 2 per weight at 8 GB/s for what is read from disk
+    compute = {k: p["predicted"]["decode_streams_s"]["compute"] for k, p in plans.items()}
+    assert compute["int8"] - compute["bf16"] == pytest.approx(int8["weights_bytes"]["disk"] / 8e9, rel=0.1)
+    code, out, err = _plan(capsys, d, "--ram", "32GB", "--pack", "int8", "--profile", profile_file)
+    assert code == 0 and "int8-g64 pack of" in out

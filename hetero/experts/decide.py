@@ -72,7 +72,7 @@ class ExpertCosts:
 
     def read_s(self) -> float:
         """A disk-homed expert read into RAM (its extent through the reader pool, then converted when not a view)."""
-        return self.cpu.pool(self.stored) + (0.0 if self.view else self.cpu.clone(self.nbytes))
+        return self.cpu.pool(self.stored) + (0.0 if self.view else self.cpu.decode(self.nbytes, self._dt(self.cpu)))
 
     def copy_s(self) -> float:
         """One expert's weights copied to the gpu."""

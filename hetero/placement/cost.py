@@ -95,6 +95,7 @@ class Speeds:
         self._mv = {dt: (np.log2([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=float))
                     for dt, rows in c["matvec"].items()}
         self._call = c.get("matvec_call_s") or {}  # (a profile without it: the table's rates alone)
+        self._decode = c.get("dequant_bps") or {}  # (a profile without it: decoding costs a clone)
         self._table_bytes = float(c.get("matvec_bytes", 4 * 2**20))  # the matrix size the table was measured at
         d = profile.disk_read
         # a profile from before the pool probe: its O_DIRECT (else buffered) figures stand in
@@ -131,6 +132,11 @@ class Speeds:
 
     def clone(self, n: int) -> float:
         return self._t(self._clone, n) if n else 0.0
+
+    def decode(self, n: int, dtype: str) -> float:
+        """Seconds of decoding a non-view pack extent into n bytes of `dtype` buffers (dequantizing, converting)."""
+        bps = self._decode.get(dtype)
+        return n / bps if bps else self.clone(n)
 
     def h2d(self, n: int) -> float:
         return self._t(self._h2d, n) if n else 0.0
@@ -199,7 +205,7 @@ def _fetch(sp: Speeds, desc, g, tier: str, compute: str, ext: tuple) -> np.ndarr
         if compute == "gpu":
             out[COPY] = sp.h2d(data)  # the raw bytes go to the device, decoded there
         elif not view:
-            out[COMP] += sp.clone(g.nbytes)  # decoded into compute-dtype buffers on the compute thread
+            out[COMP] += sp.decode(g.nbytes, _dt(desc, sp))  # decoded into compute-dtype buffers on the compute thread
     else:  # a cpu-tier group, computing on the gpu: one copy per tensor
         ratio = g.nbytes / max(1, sum(desc.reads[g.name]))
         out[COPY] = sum(sp.h2d(int(r * ratio)) for r in desc.reads[g.name])
@@ -226,7 +232,7 @@ def _head(sp: Speeds, desc: ModelDesc, g, tier: str, compute: str, ext: tuple) -
         n = min(per_slice, V - s * per_slice) * C
         if tier == "disk":
             out[SYNC] += sp.direct(-(-int(n * stored) // EXTENT_ALIGN) * EXTENT_ALIGN + EXTENT_ALIGN)
-            out[COMP] += 0.0 if view else sp.clone(n * item)
+            out[COMP] += 0.0 if view else sp.decode(n * item, _dt(desc, sp))
         if compute == "gpu":
             out[COPY] += sp.h2d(n * item)
     out[COMP] += n_slices * FETCH_OPS * sp.op_s

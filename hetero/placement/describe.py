@@ -37,6 +37,7 @@ class ModelDesc:
         cols: group name -> the row width (last dimension) of each of its tensors, in the same order.
         stored_bytes: the checkpoint's size (as stored).
         source: "checkpoint" (headers read) or "config" (shapes derived from config.json).
+        tensors: tensor name -> (shape, stored dtype): what a pack's layout is computed from.
     """
 
     args: ModelArgs
@@ -46,6 +47,7 @@ class ModelDesc:
     cols: dict = field(hash=False)
     stored_bytes: int
     source: str
+    tensors: dict = field(hash=False, compare=False, default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -124,7 +126,7 @@ def describe(args: ModelArgs, tensors: dict, dtype: torch.dtype, source: str = "
     reads = {g.name: tuple(prod(tensors[n][0]) * tensors[n][1].itemsize for n in g.tensors) for g in groups}
     cols = {g.name: tuple(tensors[n][0][-1] if tensors[n][0] else 1 for n in g.tensors) for g in groups}
     stored = sum(prod(s) * d.itemsize for s, d in tensors.values())
-    return ModelDesc(args, tuple(groups), dtype, reads, cols, stored, source)
+    return ModelDesc(args, tuple(groups), dtype, reads, cols, stored, source, dict(tensors))
 
 
 def compute_dtype(dtype, stored: Counter) -> torch.dtype:

@@ -364,6 +364,20 @@ def matmul(device: str, dtype: torch.dtype, quick: bool) -> float:
     return 2 * PREFILL_T * C * C / per
 
 
+def dequantize(device: str, dtype: torch.dtype, quick: bool) -> float:
+    """Bytes/s (of `dtype` output) of decoding an int8 pack's weights into preallocated buffers, as the
+    pipeline decodes a non-view extent (flash/quant.py): what a quantized (or converted) disk-tier
+    layer costs the compute thread on top of its matvecs."""
+    from ..flash import quant
+
+    R, C = (1024 if quick else 4096), 4096
+    q, s = quant.quantize(torch.full((R, C), 0.01).to(device), 8, 64)
+    out = torch.empty(R, C, dtype=dtype, device=device)
+    quant.dequantize(q, s, 8, 64, dtype, out=out)  # compiles (or loads) the kernel
+    per = _timed_loop(lambda: quant.dequantize(q, s, 8, 64, dtype, out=out), device, 0.1 if quick else 0.3)
+    return R * C * out.element_size() / per
+
+
 def op_overhead(device: str) -> float:
     """Seconds of one tiny linear: the dispatch cost every extra op (a slice, a copy call) adds."""
     w = torch.full((64, 64), 0.01, device=device)

@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..experts.replay import replay_window
+from ..flash.pack import PackFormat, layout, staging_extents
 from ..sizes import format_size
 from .cost import Speeds, Workload, predict, tables
 from .describe import ModelDesc
@@ -88,8 +89,8 @@ def table_rows(desc: ModelDesc, plan: Plan, rows: list[dict]) -> list[tuple]:
 
 def report(desc: ModelDesc, plan: Plan, prediction, workload: Workload, compute_label: str) -> dict:
     """Everything `hetero plan --json` prints."""
-    groups, args, dtype = list(desc.groups), desc.args, desc.dtype
-    use = tier_usage(groups, plan, args, dtype)
+    groups, args, dtype, ext = list(desc.groups), desc.args, desc.dtype, workload.extents
+    use = tier_usage(groups, plan, args, dtype, ext)
     tiers = {}
     for t in TIERS:
         if t == "gpu" and plan.compute != "gpu":
@@ -97,8 +98,9 @@ def report(desc: ModelDesc, plan: Plan, prediction, workload: Workload, compute_
         u = use[t]
         tiers[t] = {**{f"{k}_bytes": v for k, v in u.items()}, "total_bytes": sum(u.values()),
                     "budget_bytes": plan.budgets.get(t) if t != "disk" else None}
-    minimum = {f"{t}_bytes": n for t, n in minimum_bytes(groups, args, dtype, plan.compute, MIN_CONTEXT).items()}
-    at_ctx = {f"{t}_bytes": n for t, n in minimum_bytes(groups, args, dtype, plan.compute, plan.kv_tokens).items()}
+    minimum = {f"{t}_bytes": n for t, n in minimum_bytes(groups, args, dtype, plan.compute, MIN_CONTEXT, extents=ext).items()}
+    at_ctx = {f"{t}_bytes": n for t, n in minimum_bytes(groups, args, dtype, plan.compute, plan.kv_tokens,
+                                                        extents=ext).items()}
     p = prediction
     return {
         "model_type": args.model_type, "parameters": desc.parameters, "dtype": str(dtype).replace("torch.", ""),
@@ -141,7 +143,7 @@ def _span(layers: list) -> str:
 
 
 def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=None, planner="cost",
-                 prompt_tokens=128, new_tokens=128, profile_file=None, log=None, trace_file=None):
+                 prompt_tokens=128, new_tokens=128, profile_file=None, log=None, trace_file=None, pack=None):
     """What `hetero plan` computes: (report dict, plan, table rows). Reads config.json and headers only.
 
     Budgets default as when loading: the accelerator's memory, 80% of the RAM available now.
@@ -149,6 +151,9 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     frequencies and the expert caches replayed on it, as loading does with a trace beside the model.
     Default: the trace `hetero trace` left beside the model, if there is one (a note says so).
     (Nothing ties it to these weights here — none are read — so only its shape is checked.)
+    pack: the dtype of the pack disk-tier weights are read from, as `hetero run --pack` (bf16, int8,
+    int4, int8-g32, ...; default the compute dtype): the plan and prediction use its layout (the bytes
+    read, and the dequantization of quantized ones).
     """
     import psutil
 
@@ -182,7 +187,10 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     max_ctx = desc.args.max_position_embeddings
     if context is not None and not 0 < context <= max_ctx:
         raise HeteroError(f"--context {context}: this model supports 1 to {max_ctx} tokens")
-    workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu=None if kind != "fake-gpu" else "fake-gpu")
+    fmt = PackFormat.parse(pack or desc.dtype)
+    extents = staging_extents(layout(desc.tensors, desc.groups, fmt), desc.dtype)  # the pack, as loading would write it
+    workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu=None if kind != "fake-gpu" else "fake-gpu",
+                        extents=extents)
     trace = None
     if trace_file is not None:
         trace = _matching_trace(trace_file, desc)
@@ -199,10 +207,11 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
         workload = replace(workload, expert_freq=trace.frequencies(), routing_trace=replay_window(trace))
     budgets = {"gpu": vram_b if compute == "gpu" else None, "cpu": ram_b}
     plan, prediction = make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None,
-                                 profile, workload, planner, routing_known=trace is not None)
+                                 profile, workload, planner, routing_known=trace is not None, extents=extents)
     if context is None and plan.kv_tokens < min(4096, max_ctx):
         notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
     label = Speeds(profile, compute, workload).label
     data = report(desc, plan, prediction, workload, label)
-    data.update(model=str(path), planner=planner, notes=notes, profile="quick" if profile.quick else "full")
+    data.update(model=str(path), planner=planner, notes=notes, profile="quick" if profile.quick else "full", pack=fmt.tag,
+                pack_bytes=sum(x[0] for x in extents.values()))
     return data, plan, table_rows(desc, plan, data["layers"])
