@@ -110,7 +110,8 @@ class WhitenedIVF:
         if self.trained_at:
             new = self._nearest(keys)  # [h, b]
             self.assign = np.concatenate([self.assign, new], axis=1)
-            self.counts += self._count(new)
+            added = self._count(new)  # [h, c]
+            self.counts += added
             heads = np.repeat(np.arange(self.h), b)
             self._moments(heads, new.ravel(), keys.reshape(-1, self.dim))
             if self.v1 is not None:  # from the owner's copy, as splits take them away: the sums stay consistent
@@ -119,7 +120,7 @@ class WhitenedIVF:
             if self._split() or self.order is None:
                 self.order = None  # sorted at the next search: a prefill adds many blocks and searches none
             else:  # a decode step's block: slot its keys into the sorted order, O(n) and no sort
-                self._insert(new)
+                self._insert(new, added)
         elif self.n >= MIN_BUILD:
             self.train()
 
@@ -247,14 +248,15 @@ class WhitenedIVF:
         # kept as [h, D, c]: a search multiplies by them as they are (a transposed view would be copied)
         self.mean, self.var = (t.transpose(1, 2).contiguous().numpy() for t in (mean, var))
 
-    def _insert(self, new: np.ndarray):
-        """Put the keys just added (ids n - b .. n - 1, clusters new [h, b]) at the ends of their clusters in
-        the sorted order, as a stable sort would, and refresh those clusters' mean and spread."""
+    def _insert(self, new: np.ndarray, added: np.ndarray):
+        """Put the keys just added (ids n - b .. n - 1, clusters new [h, b], added [h, c] of them per cluster)
+        at the ends of their clusters in the sorted order, as a stable sort would, and refresh those
+        clusters' mean and spread."""
         h, b = new.shape
         c = self.centroids.shape[1]
         ids = np.arange(self.n - b, self.n, dtype=np.int32)
         self.order = np.stack([np.insert(self.order[i], self.starts[i, new[i] + 1], ids) for i in range(h)])
-        self.starts[:, 1:] += np.cumsum(np.stack([np.bincount(a, minlength=c) for a in new]), 1)
+        self.starts[:, 1:] += np.cumsum(added, 1)
         hh, jj = np.divmod(np.unique(np.arange(h)[:, None] * c + new), c)  # touched (head, cluster) pairs
         n = torch.from_numpy(np.maximum(self.starts[hh, jj + 1] - self.starts[hh, jj], 1)).float()[:, None]
         self.logn[hh, jj] = np.log(n[:, 0].numpy())
