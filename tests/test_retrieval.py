@@ -109,6 +109,27 @@ def test_cluster_moments_follow_adds_and_splits():
 
 
 
+def test_a_prefill_splits_in_batches_and_the_first_search_sees_even_clusters(monkeypatch):
+    rng = np.random.default_rng(9)
+    ix = WhitenedIVF(2, 16, cluster_size=32, scan=0.05)
+    ix.learn(rng.normal(size=(2, 200, 16)))
+    checks = []
+    split = WhitenedIVF._split
+    monkeypatch.setattr(WhitenedIVF, "_split", lambda self: checks.append(self.n) or split(self))
+    blocks = 160
+    for t in range(blocks):  # a prefill: block after block of drifting keys, no search
+        ix.add((rng.normal(size=(2, 64, 16)) + t * 0.2).astype(np.float32))
+    assert 0 < len(checks) < blocks // 8  # in batches, not after every block
+    ix.search(rng.normal(size=(2, 3, 16)).astype(np.float32), 5)
+    assert ix.counts.max() <= 2 * 32  # split before the first search
+    np.testing.assert_array_equal(ix.counts, [np.bincount(a, minlength=ix.centroids.shape[1]) for a in ix.assign])
+    checks.clear()
+    for t in range(4):  # then decode-like: every block is checked, as searches follow it
+        ix.add((rng.normal(size=(2, 64, 16)) + 40).astype(np.float32))
+        ix.search(rng.normal(size=(2, 3, 16)).astype(np.float32), 5)
+    assert len(checks) >= 4 and ix.counts.max() <= 2 * 32
+
+
 def _valued_index(rng, heads=2, dim=16, n=3008, drift=0.0, scan=0.1):
     """An index over n keys per head whose values live in `store` [h, n, dim] (the owner's copy)."""
     store = torch.zeros(heads, n, dim)
