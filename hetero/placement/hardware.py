@@ -189,7 +189,7 @@ def _compute(device: str, quick: bool) -> dict:
         mv = {name: probes.matvec(device, dt, quick) for name, dt in probes.DTYPES.items()}
         call = {name: probes.matvec_call(device, dt, quick) for name, dt in probes.DTYPES.items()}
         mm = {name: probes.matmul(device, dt, quick) for name, dt in probes.DTYPES.items()}
-        deq = {name: probes.dequantize(device, dt, quick) for name, dt in probes.DTYPES.items()}
+        deq = probes.dequantize(device, quick)
         op = probes.op_overhead(device)
     return {"matvec": mv, "matvec_bytes": probes.MATVEC_BYTES, "matvec_call_s": call, "matmul_flops": mm, "op_s": op,
             "dequant_bps": deq, "overheads": overheads.measure(device, quick)}

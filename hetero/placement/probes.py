@@ -364,18 +364,23 @@ def matmul(device: str, dtype: torch.dtype, quick: bool) -> float:
     return 2 * PREFILL_T * C * C / per
 
 
-def dequantize(device: str, dtype: torch.dtype, quick: bool) -> float:
-    """Bytes/s (of `dtype` output) of decoding an int8 pack's weights into preallocated buffers, as the
-    pipeline decodes a non-view extent (flash/quant.py): what a quantized (or converted) disk-tier
+def dequantize(device: str, quick: bool) -> dict:
+    """{dtype name: bytes/s of output} of decoding an int8 pack's weights into preallocated buffers, as
+    the pipeline decodes a non-view extent (flash/quant.py): what a quantized (or converted) disk-tier
     layer costs the compute thread on top of its matvecs."""
     from ..flash import quant
 
+    # 32 MiB of bf16 output, as big as a layer's tensors (smaller ones stay in this VM's 300 MiB L3 and
+    # decode twice as fast as the runtime's fresh reads do)
     R, C = (1024 if quick else 4096), 4096
     q, s = quant.quantize(torch.full((R, C), 0.01).to(device), 8, 64)
-    out = torch.empty(R, C, dtype=dtype, device=device)
-    quant.dequantize(q, s, 8, 64, dtype, out=out)  # compiles (or loads) the kernel
-    per = _timed_loop(lambda: quant.dequantize(q, s, 8, 64, dtype, out=out), device, 0.1 if quick else 0.3)
-    return R * C * out.element_size() / per
+    out = {}
+    for name, dtype in DTYPES.items():
+        buf = torch.empty(R, C, dtype=dtype, device=device)
+        quant.dequantize(q, s, 8, 64, dtype, out=buf)  # compiles (or loads) the kernel
+        per = _timed_loop(lambda: quant.dequantize(q, s, 8, 64, dtype, out=buf), device, 0.05 if quick else 0.15)
+        out[name] = R * C * buf.element_size() / per
+    return out
 
 
 def op_overhead(device: str) -> float:
