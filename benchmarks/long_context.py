@@ -143,12 +143,9 @@ def real_attention(rec, n_queries, rng):
                 if name == CHOSEN:  # as RetrievalLayer: cluster value sums from the 4-bit copy (their bytes count)
                     ix.value_rows = lambda head, ids, low=low: low.rows(head, ids)
                 for a in range(0, len(keys), 64):  # block by block, as the cache adds them
-                    if name == CHOSEN:
-                        vals = v[h:h + 1, SINK + a:SINK + min(a + 64, len(keys))].float()
-                        low.add(vals)
-                        ix.add(keys[None, a:a + 64])
-                    else:
-                        ix.add(keys[None, a:a + 64])
+                    if name == CHOSEN:  # the values first: the index reads its clusters' sums from them
+                        low.add(v[h:h + 1, SINK + a:SINK + min(a + 64, len(keys))].float())
+                    ix.add(keys[None, a:a + 64])
                 for p in positions:
                     qq = q[h * G:(h + 1) * G, p].float().numpy()  # [G, D]: a group searched in one batch
                     ids, n_scan = ix.search(qq[None], K_TOP)
