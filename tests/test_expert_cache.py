@@ -9,6 +9,7 @@ import torch
 import hetero
 from hetero.errors import HeteroError
 from hetero.experts.cache import Entry, ExpertCache
+from hetero.experts import policy
 from hetero.experts.policy import make_policy
 from hetero.placement.greedy import default_expert_cache, greedy_plan, minimum_bytes
 from hetero.placement.plan import Plan, expert_slot_bytes, plan_table, predictor_bytes, tier_usage, validate
@@ -50,8 +51,11 @@ def test_score_policy_gives_up_the_layer_just_run_before_the_next_one():
     assert rare.victim([(0, 0), (1, 0)], set()) == (0, 0)
 
 
-def test_score_policy_victim_is_the_ranking_it_documents():
-    # victim() is an inlined loop for speed: it must pick what the lowest (-wait, score, key) picks
+@pytest.mark.parametrize("vector_min", [10**9, 0], ids=["loop", "numpy"])
+def test_score_policy_victim_is_the_ranking_it_documents(monkeypatch, vector_min):
+    # victim() is inlined for speed (a loop for small caches, numpy for big ones): either must pick what
+    # the lowest (-wait, score, key) picks
+    monkeypatch.setattr(policy, "VECTOR_MIN", vector_min)
     rng = np.random.default_rng(0)
     for prior, layers in ((None, None), ({l: rng.random(8) for l in range(4)}, range(4))):
         p = make_policy("score", prior, layers)
@@ -103,7 +107,7 @@ def test_cache_reserves_every_slot_before_use_and_evicts_by_policy():
     assert not cache.make_room({(0, 0), (0, 1), (0, 2)})  # all protected: no slot
     assert cache.make_room({(0, 0)})  # evicts the least recently used unprotected key
     assert (0, 1) not in cache and cache.evictions == 1 and cache.wasted == 1  # a prefetch never used
-    assert cache.room({(0, 0)}) == 2 and len(dropped) == 1
+    assert len(cache.entries) == 2 and len(dropped) == 1
     cache.close()
     assert acc.snapshot()["cpu"]["held_bytes"] == 0
 
@@ -127,6 +131,10 @@ def test_a_prefetch_never_pushes_out_an_expert_needed_sooner_nor_one_still_being
     cache.policy.touch((0, 1), 1.0)
     left = next(k for k in cache.entries if k != (0, 1))
     assert cache.make_room(set()) and (0, 1) in cache and left not in cache
+    cache.put((1, 0), Entry(tensors=()))
+    assert not cache.make_room({(1, 0)})  # the one unprotected entry is still being read
+    cache.land((0, 1), ())  # landed: a candidate like any other
+    assert cache.make_room({(1, 0)}) and (0, 1) not in cache and not cache.pending
 
 
 # ---------------------------------------------------------------- slot budgets in the plan

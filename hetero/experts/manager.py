@@ -274,7 +274,7 @@ class ExpertManager:
         ent.used = True
         if ent.pending:
             host = self.pipe.land_host(ent.staged)
-            ent.tensors = tuple(host[n] for n in self.store.expert_names(*key))
+            self.caches["cpu"].land(key, tuple(host[n] for n in self.store.expert_names(*key)))
         return ent.tensors
 
     def _advance(self):
@@ -282,10 +282,11 @@ class ExpertManager:
         cpu = self.caches.get("cpu")
         if cpu is None:
             return
-        for key, ent in list(cpu.entries.items()):
-            if ent.pending and self.pipe.landed(ent.staged):
+        for key in list(cpu.pending):
+            ent = cpu.entries[key]
+            if self.pipe.landed(ent.staged):
                 host = self.pipe.land_host(ent.staged)
-                ent.tensors = tuple(host[n] for n in self.store.expert_names(*key))
+                cpu.land(key, tuple(host[n] for n in self.store.expert_names(*key)))
                 if ent.to_gpu:
                     self._copy(key, ent.tensors, True)
 
