@@ -31,10 +31,14 @@ from ..models import common, family_for, supported_model_types
 from .probes import pool_bytes
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, num_experts=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, num_experts=16,
             moe_intermediate_size=32, mlp_only_layers=[1], sliding_window=4096, tie_word_embeddings=False)
 KV_TOKENS = (16, 80)  # the cache is refilled between these lengths, so attention sees a short context
 DEPTHS = (1, 4)  # layers of the two checkpoints whose difference is the per-layer cost
+# the deep checkpoints route top-4 of 16 and the managed one predicts MAX_LOOKAHEAD layers ahead, as the
+# fine-grained MoEs that get offloaded do: the manager's work per layer grows with the experts it
+# tracks and predicts (a top-1-of-4, 1-ahead probe measured a quarter of what the trained fixture spends)
+DEEP_TOP_K = 4
 
 
 STAND_IN_BYTES = 4 * 2**20  # each stand-in matvec: past a core's L2, like most weight matrices
@@ -121,12 +125,15 @@ class _Checkpoint:
 
     def __init__(self, model_type: str, layers: int, top_k: int, device: str, folder: Path, stand: _StandIns,
                  managed: bool = False):
-        """managed: experts homed on disk behind a cpu expert cache, prefetching (the routing always picks
-        the same experts here, so they stay cached: the manager's bookkeeping and prediction, no reads)."""
+        """managed: experts homed on disk behind a cpu expert cache, prefetching MAX_LOOKAHEAD layers ahead
+        (the routing always picks the same experts here, so they stay cached: the manager's bookkeeping
+        and prediction, no reads)."""
         import warnings
         from dataclasses import replace
 
         from ..api import load_offloaded
+        from ..experts.predictor import SpeculativeGating
+        from .plan import MAX_LOOKAHEAD
 
         path = folder / f"{model_type}-{layers}-{top_k}"
         if not (path / "config.json").is_file():
@@ -142,6 +149,8 @@ class _Checkpoint:
             with warnings.catch_warnings():  # a temporary directory on tmpfs has no O_DIRECT: said for it only
                 warnings.simplefilter("ignore", RuntimeWarning)
                 self.ex = load_offloaded(path, plan=plan, **kw).executor
+            m = self.ex.experts  # loaded without a profile, it looks 1 layer ahead
+            m.lookahead, m.predictor = MAX_LOOKAHEAD, SpeculativeGating(m.predictor.routers, top_k, MAX_LOOKAHEAD)
         self.device, self.stand, self.cache = device, stand, None
         self.ffn = {}  # kind -> [seconds in this step, blocks]
         for layer in self.ex.model.model.layers:
@@ -189,7 +198,7 @@ def measure(device: str, quick: bool, model_types=None) -> dict:
     are homed below the compute tier behind an expert cache (the manager's cache bookkeeping and
     routing prediction, reads aside); "step" is the per-token rest.
     """
-    steps = 12 if quick else 16
+    steps = 12 if quick else 14
     threads = torch.get_num_threads()
     # one thread: at these sizes nothing is worth parallelising, and on a busy machine a parallel
     # region waits for a descheduled worker (a scheduler tick, ~10 ms) — noise, not overhead
@@ -208,10 +217,10 @@ def _family(model_type: str, device: str, steps: int, folder: Path, stand: _Stan
     short, deep = DEPTHS
     every = TINY["num_experts"]
     runs = [_Checkpoint(model_type, short, 1, device, folder, stand),
-            _Checkpoint(model_type, deep, 1, device, folder, stand)]
+            _Checkpoint(model_type, deep, DEEP_TOP_K, device, folder, stand)]
     if runs[0].ffn.get("moe"):
         runs.append(_Checkpoint(model_type, short, every, device, folder, stand))  # every expert computed
-        runs.append(_Checkpoint(model_type, deep, 1, device, folder, stand, managed=True))
+        runs.append(_Checkpoint(model_type, deep, DEEP_TOP_K, device, folder, stand, managed=True))
     try:
         turns = [[r.step(i) for r in runs] for i in range(steps + 2)][2:]  # two turns warm up
     finally:
