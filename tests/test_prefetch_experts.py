@@ -136,11 +136,12 @@ def test_miss_decision_flips_with_the_token_count():
     assert set(cpu_only.options("disk", 4)) == {"cpu"}
 
 
-def test_lookahead_is_the_miss_time_over_the_layer_time_clamped():
+def test_lookahead_is_the_miss_time_over_the_layer_time_clamped_or_one_when_transfers_bound():
     assert lookahead(0.5e-3, 1e-3) == 1
     assert lookahead(2.5e-3, 1e-3) == 3
     assert lookahead(50e-3, 1e-3) == 3
     assert lookahead(0.0, 1e-3) == 1
+    assert lookahead(50e-3, 1e-3, transfer_bound=True) == 1  # reads are the bottleneck: no idle disk time to fill
 
 
 def test_an_io_error_during_an_expert_prefetch_surfaces_and_frees_buffers(ckpts):

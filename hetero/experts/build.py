@@ -35,8 +35,8 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
             costs = ExpertCosts(profile, plan.compute, dev.kind if plan.compute == "gpu" else None, args, dtype,
                                 max(extents[g.name][0] for g in experts), all(extents[g.name][2] for g in experts))
             # a layer's top_k experts must move within the lookahead window to be there in time
-            L = lookahead(k * max(costs.transfer_s(t) for t in off),
-                          _moe_layer_s(args, cat, dtype, plan, profile, dev, extents))
+            layer_s, transfer_bound = _moe_layer_s(args, cat, dtype, plan, profile, dev, extents)
+            L = lookahead(k * max(costs.transfer_s(t) for t in off), layer_s, transfer_bound=transfer_bound)
         except HeteroError as e:
             notes.append(f"expert misses move the expert to the compute tier (no usable hardware figures: {e})")
             costs, L = None, 1
@@ -55,10 +55,12 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
     return ExpertManager(weights, expert_slot_bytes(groups, extents), policy, frequencies, prefetch, predictor, costs, L)
 
 
-def _moe_layer_s(args, cat, dtype, plan, profile, dev, extents) -> float:
-    """The cost model's compute seconds of one decoded token through an MoE layer, on average."""
+def _moe_layer_s(args, cat, dtype, plan, profile, dev, extents) -> tuple[float, bool]:
+    """(the cost model's compute seconds of one decoded token through an MoE layer, on average;
+    whether it predicts reads or copies to take longer per token than compute)."""
     desc = describe(args, checkpoint_tensors(args, cat), dtype)
     moe = {g.layer for g in desc.groups if g.kind == "expert"}
     pred = predict(desc, plan, profile, Workload(gpu="fake-gpu" if dev.kind == "fake-gpu" else None, extents=extents))
     secs = [streams["compute"] for layer, streams, _ in pred.layers if layer in moe]
-    return sum(secs) / len(secs)
+    s = pred.streams
+    return sum(secs) / len(secs), max(s["disk"], s["copy"]) > s["compute"]

@@ -18,14 +18,22 @@ from ..placement.cost import Speeds, Workload
 from ..placement.plan import MAX_LOOKAHEAD
 
 
-def lookahead(miss_s: float, layer_s: float, most: int = MAX_LOOKAHEAD) -> int:
+def lookahead(miss_s: float, layer_s: float, most: int = MAX_LOOKAHEAD, transfer_bound: bool = False) -> int:
     """MoE layers to predict and prefetch ahead: enough that a miss's transfer, started that many
-    layers early, is done when its layer computes (ceil(miss / layer)), clamped to 1..most.
+    layers early, is done when its layer computes (ceil(miss / layer)), clamped to 1..most — or 1 when
+    transfers are the plan's bottleneck: the disk (or the copy engine) then has no idle time for reads
+    started earlier to fill, and every layer further ahead adds its wrong guesses' reads to the
+    bottleneck. (Measured with the lookahead forced, on the two plans of benchmarks/moe_offload.py, both
+    disk-bound: 3 ahead read 15-17% more bytes per token than 1 ahead, and decoded 4-11% slower in
+    the median of 5 interleaved runs each.)
 
     Args:
         miss_s: seconds to bring one layer's worth of missed experts to the compute tier.
         layer_s: seconds one layer computes.
+        transfer_bound: the cost model predicts reads or copies, not compute, bound the decode step.
     """
+    if transfer_bound:
+        return 1
     if layer_s <= 0:
         return most
     return max(1, min(most, ceil(miss_s / layer_s)))
