@@ -144,6 +144,19 @@ def test_lookahead_is_the_miss_time_over_the_layer_time_clamped_or_one_when_tran
     assert lookahead(50e-3, 1e-3, transfer_bound=True) == 1  # reads are the bottleneck: no idle disk time to fill
 
 
+def test_a_plan_bound_by_its_reads_prefetches_one_layer_ahead(ckpts):
+    ckpt, _ = ckpts["mixtral"]
+    plan = expert_plan(ckpt, "cpu", ("disk",), {"cpu": 8})
+    slow = synthetic_profile()
+    slow = dataclasses.replace(slow, disk_read={m: [[b, b / (b / 1e6 + 1e-3)] for b, _ in rows]
+                                                for m, rows in slow.disk_read.items()})  # 1 MB/s
+    # each miss takes far longer than a layer computes, so the latency rule alone would say 3 ahead;
+    # but then the disk is the bottleneck, with no idle time for earlier reads to fill
+    assert lookahead(50e-3, 1e-3) == 3
+    m = hetero.load_offloaded(ckpt, plan=plan, profile=slow)
+    assert m.executor.experts.lookahead == 1 and m.stats()["experts"]["lookahead"] == 1
+
+
 def test_an_io_error_during_an_expert_prefetch_surfaces_and_frees_buffers(ckpts):
     ckpt, _ = ckpts["mixtral"]
     m = hetero.load_offloaded(ckpt, plan=expert_plan(ckpt, "cpu", ("disk",), {"cpu": 16}), profile=synthetic_profile())
