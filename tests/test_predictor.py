@@ -99,6 +99,17 @@ def test_lookahead_covers_only_later_moe_layers():
         SpeculativeGating(routers, 2, 0)
 
 
+def test_predict_scores_all_later_layers_at_once_as_each_alone():
+    routers = {l: torch.randn(6, 8, generator=torch.Generator().manual_seed(l)) for l in range(4)}
+    x = torch.randn(3, 8)
+    for pred in (SpeculativeGating(routers, 2, 3, scale=0.7), _fitted(routers, 2, "f").with_lookahead(3)):
+        out = pred.predict(0, x)  # depths 1 and 2 fitted (scales 1.5, 2.5), depth 3 speculative
+        assert list(out) == [1, 2, 3]
+        for d, scores in out.items():  # (from layer 0, layer d is d ahead)
+            alone = any_token_probability(pred.token_scores(0, d, x))
+            assert torch.allclose(scores, alone, atol=1e-6), (type(pred).__name__, d)
+
+
 def _fitted(routers, k, fingerprint):
     """A LinearPredictor with arbitrary (but fixed) maps for each MoE layer pair one or two apart."""
     g = torch.Generator().manual_seed(0)

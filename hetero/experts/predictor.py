@@ -75,23 +75,25 @@ def pick_probability(logits: torch.Tensor, top_k: int, scale: float = DEFAULT_SC
     """Per token, the probability that each expert is among the top-k, from forecast router logits.
 
     Args:
-        logits: [N, E] forecast router logits (softmax is monotone, so top-k of logits = top-k of probs).
+        logits: [..., E] forecast router logits (softmax is monotone, so top-k of logits = top-k of probs),
+            e.g. [N, E], or [N, D, E] for D later layers at once.
         top_k: experts per token.
-        scale: the forecast's error scale in logits; smaller means more confident.
+        scale: the forecast's error scale in logits (smaller means more confident): a float, or a tensor
+            that broadcasts against [..., 1] (one scale per later layer: [D, 1]).
     Returns:
-        [N, E] float32 in (0, 1); the k largest logits of a token are exactly its entries above 1/2.
+        [..., E] float32 in (0, 1); the k largest logits of a token are exactly its entries above 1/2.
     """
     z = logits.float()
     E = z.shape[-1]
     if top_k >= E:
         return torch.ones_like(z)
-    top = torch.topk(z, top_k + 1, dim=-1).values  # [N, k+1], descending
-    tau = (top[:, top_k - 1: top_k] + top[:, top_k: top_k + 1]) / 2  # [N, 1] between k-th and (k+1)-th
+    top = torch.topk(z, top_k + 1, dim=-1).values  # [..., k+1], descending
+    tau = (top[..., top_k - 1: top_k] + top[..., top_k: top_k + 1]) / 2  # [..., 1] between k-th and (k+1)-th
     return torch.sigmoid((z - tau) / scale)
 
 
 def any_token_probability(p: torch.Tensor) -> torch.Tensor:
-    """[N, E] per-token pick probabilities -> [E] probability that at least one token picks each expert."""
+    """[N, ..., E] per-token pick probabilities -> [..., E] probability that at least one token picks each expert."""
     # 1 - prod_n (1 - p_n), in logs so a long prefill does not underflow the product
     return -torch.expm1(torch.log1p(-p.clamp(max=1 - 1e-7)).sum(0))
 
@@ -114,16 +116,20 @@ class SpeculativeGating:
         self.routers = {int(l): w.float() for l, w in routers.items()}
         self.top_k, self.lookahead, self.scale = top_k, lookahead, scale
         self.nbytes = sum(w.nbytes for w in self.routers.values())
+        self._scales: dict = {}  # layer -> (later MoE layers predicted from it, their error scales [D, 1])
 
     def logits(self, layer: int, depth: int, x: torch.Tensor) -> torch.Tensor | None:
         """Forecast router logits [N, E] of layer `layer + depth` from x [N, C] (None if it is not MoE)."""
         w = self.routers.get(layer + depth)
         return None if w is None else x.float() @ w.T
 
+    def error_scale(self, layer: int, depth: int) -> float:
+        return self.scale
+
     def token_scores(self, layer: int, depth: int, x: torch.Tensor) -> torch.Tensor | None:
         """Per-token pick probabilities [N, E] for layer `layer + depth` (None if it is not an MoE layer)."""
         z = self.logits(layer, depth, x)
-        return None if z is None else pick_probability(z, self.top_k, self.scale)
+        return None if z is None else pick_probability(z, self.top_k, self.error_scale(layer, depth))
 
     def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Score the experts of the MoE layers layer+1..layer+lookahead.
@@ -134,12 +140,19 @@ class SpeculativeGating:
         Returns:
             {later MoE layer: [E] float32 probability that at least one of the N tokens picks each expert}.
         """
-        out = {}
-        for d in range(1, self.lookahead + 1):
-            p = self.token_scores(layer, d, x)
-            if p is not None:
-                out[layer + d] = any_token_probability(p)
-        return out
+        if layer not in self._scales:
+            targets = [layer + d for d in range(1, self.lookahead + 1) if layer + d in self.routers]
+            scales = torch.tensor([[self.error_scale(layer, t - layer)] for t in targets])
+            self._scales[layer] = (targets, scales)
+        targets, scales = self._scales[layer]
+        if not targets:
+            return {}
+        x = x.float()
+        # the later layers' forecasts scored together: one top-k, sigmoid and product over tokens for
+        # all of them (run once per MoE layer of every decoded token, the per-op overhead is the cost)
+        zs = [self.logits(layer, t - layer, x) for t in targets]
+        z = zs[0][:, None] if len(zs) == 1 else torch.stack(zs, dim=1)  # [N, D, E]
+        return dict(zip(targets, any_token_probability(pick_probability(z, self.top_k, scales))))
 
 
 class LinearPredictor(SpeculativeGating):
@@ -180,11 +193,8 @@ class LinearPredictor(SpeculativeGating):
         w, b = m
         return x.float() @ w.T + b
 
-    def token_scores(self, layer: int, depth: int, x: torch.Tensor) -> torch.Tensor | None:
-        z = self.logits(layer, depth, x)
-        if z is None:
-            return None
-        return pick_probability(z, self.top_k, self.scales.get((layer, depth), DEFAULT_SCALE))
+    def error_scale(self, layer: int, depth: int) -> float:
+        return self.scales.get((layer, depth), DEFAULT_SCALE)
 
     def with_lookahead(self, lookahead: int) -> "LinearPredictor":
         return LinearPredictor(self.routers, self.top_k, lookahead, self.maps, self.scales, self.fingerprint, self.meta)
