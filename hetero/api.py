@@ -427,7 +427,7 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     kv = kvstore.kv_cache_factory(attention, plan, groups, args, cdtype, dev, acc, max_tokens, disk_dir,
                                   extents) if paged else None
     experts = build_manager(path, args, cat, model, weights, groups, extents, profile, dev, prefetch, expert_policy,
-                            notes, freq) if model.moe_blocks() else None
+                            notes, facts) if model.moe_blocks() else None
     executor = Executor(model, weights, plan, dev, acc, kv_cache=kv, experts=experts)
     tokenizer = None
     if (path / "tokenizer.json").is_file():

@@ -8,7 +8,7 @@ import pytest
 from hetero.errors import HeteroError
 from hetero.placement.cost import Workload, bucket_streams, predict, tables, tier_index
 from hetero.placement.plan import Plan
-from hetero.placement.schedule import COLS, COMP, PRE, SYNC, TIME, replay
+from hetero.placement.schedule import COLS, COMP, EPRE, FIFO, PRE, SYNC, TIME, replay
 
 from plan_helpers import synthetic_profile, tiny_desc
 
@@ -104,6 +104,40 @@ def test_the_schedule_hides_reads_behind_compute_and_waits_when_they_are_late():
     alone = replay(_rows(2, head_sync=2.0), 1, None, False)
     shared = replay(_rows(2, {0: 1.0}, head_sync=2.0), 1, None, False)
     assert alone == pytest.approx(4.0) and shared == pytest.approx(5.0)
+
+
+def test_predicted_expert_reads_are_queued_by_the_layer_that_predicts_them():
+    rows = _rows(6)
+    rows[5, EPRE] = 2.0  # layer 4's predicted experts: 2 s of reads
+    # predicted by layer 3 (the default, one ahead): queued at its start (3 s), landed at 5 s, and
+    # layer 4, ready to start at 4 s, waits 1 s for them
+    stalls = [0.0] * 6
+    assert replay(rows, 1, None, False, stalls=stalls) == pytest.approx(7.0) and stalls[4] == pytest.approx(1.0)
+    # predicted by layer 1 (three ahead): queued at 1 s, landed at 3 s, nothing to wait for
+    assert replay(rows, 1, None, False, issuers=[-1, -1, -1, -1, 1, -1]) == pytest.approx(6.0)
+    # predicted by none: read when the layer starts, and waited for whole
+    assert replay(rows, 1, None, False, issuers=[-1] * 6) == pytest.approx(8.0)
+    # they queue behind the pipeline's reads: layer 5's own 4 s read, queued before layer 0 with
+    # depth 4, delays layer 4's expert reads queued at 3 s until 6 s
+    rows[6, PRE] = 4.0
+    stalls = [0.0] * 6
+    replay(rows, 4, 0, False, stalls=stalls, steady=False)
+    assert stalls[4] == pytest.approx(2.0)
+
+
+def test_the_first_moe_layer_is_predicted_by_none_and_its_experts_are_fetched_on_demand():
+    from hetero.placement.cost import expert_schedule
+
+    desc = tiny_desc("mixtral", layers=3, experts=4, hidden_size=256, intermediate_size=512)
+    p = synthetic_profile()
+    plan = _plan(desc, lambda g: "disk" if g.kind == "expert" else "cpu")
+    t = tables(desc, p, Workload(expert_recall=0.9), "cpu")
+    rows = bucket_streams(t, tier_index(t, plan))
+    assert rows[1, EPRE] == 0 and rows[1, FIFO] > 0  # layer 0: nothing predicted it
+    assert rows[2, EPRE] == pytest.approx(9 * rows[2, FIFO]) and rows[3, EPRE] > 0
+    ahead, issuers = expert_schedule(t, rows)
+    assert issuers == [-1] + [max(0, m - ahead) for m in (1, 2)]
+    assert predict(desc, plan, p, Workload(expert_recall=0.9)).expert_lookahead == ahead
 
 
 def test_prediction_replays_the_pipeline_between_serial_and_fully_overlapped():

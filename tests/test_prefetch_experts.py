@@ -10,7 +10,8 @@ import hetero
 from hetero.cli import main
 from hetero.config import ModelArgs
 from hetero.errors import HeteroError
-from hetero.experts.decide import ExpertCosts, lookahead
+from hetero.experts.decide import ExpertCosts
+from hetero.placement.cost import lookahead
 from hetero.placement import hardware
 from hetero.placement.plan import tier_usage
 

@@ -4,13 +4,13 @@ from ..errors import HeteroError
 from ..placement.cost import Workload, predict
 from ..placement.describe import checkpoint_tensors, describe
 from ..placement.plan import expert_slot_bytes, predictor_bytes
-from .decide import ExpertCosts, lookahead
+from .decide import ExpertCosts
 from .manager import ExpertManager
 from .predictor import SpeculativeGating, load_predictor, read_routers
 
 
 def build_manager(path, args, cat, model, weights, groups, extents, profile, dev, prefetch: bool, policy: str,
-                  notes: list, frequencies=None) -> ExpertManager:
+                  notes: list, routing: dict | None = None) -> ExpertManager:
     """The ExpertManager of an MoE model: its caches (the plan's slots), miss decisions and lookahead from
     the hardware profile (when there is one), and the routing predictor when prefetching.
 
@@ -23,9 +23,12 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
         dev: runtime.device.Device.
         prefetch, policy: as for load_offloaded.
         notes: list the load's notes are appended to.
-        frequencies: per-expert activation frequencies [MoE layers, E] from a routing trace (the
-            policies' prior), or None.
+        routing: what is known of the model's routing, as cost.Workload fields (api._routing_facts: the
+            trace's per-expert frequencies [MoE layers, E], which are also the policies' prior, the
+            trace itself, the predictor's recall), or None.
     """
+    routing = routing or {}
+    frequencies = routing.get("expert_freq")
     plan, dtype, k = weights.plan, weights.dtype, args.num_experts_per_tok
     experts = [g for g in groups if g.kind == "expert"]
     off = {plan.tiers[g.name] for g in experts} - {plan.compute}
@@ -34,9 +37,11 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
         try:
             costs = ExpertCosts(profile, plan.compute, dev.kind if plan.compute == "gpu" else None, args, dtype,
                                 max(extents[g.name][0] for g in experts), all(extents[g.name][2] for g in experts))
-            # a layer's top_k experts must move within the lookahead window to be there in time
-            layer_s, transfer_bound = _moe_layer_s(args, cat, dtype, plan, profile, dev, extents)
-            L = lookahead(k * max(costs.transfer_s(t) for t in off), layer_s, transfer_bound=transfer_bound)
+            # a layer's top_k experts must move within the lookahead window to be there in time: the
+            # cost model's rule (cost.lookahead), on the prediction stats() makes of this plan
+            desc = describe(args, checkpoint_tensors(args, cat), dtype)
+            wl = Workload(gpu="fake-gpu" if dev.kind == "fake-gpu" else None, extents=extents, **routing)
+            L = predict(desc, plan, profile, wl).expert_lookahead
         except HeteroError as e:
             notes.append(f"expert misses move the expert to the compute tier (no usable hardware figures: {e})")
             costs, L = None, 1
@@ -54,13 +59,3 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
         weights.acc.reserve("cpu", predictor.nbytes, "predictor")
     return ExpertManager(weights, expert_slot_bytes(groups, extents), policy, frequencies, prefetch, predictor, costs, L)
 
-
-def _moe_layer_s(args, cat, dtype, plan, profile, dev, extents) -> tuple[float, bool]:
-    """(the cost model's compute seconds of one decoded token through an MoE layer, on average;
-    whether it predicts reads or copies to take longer per token than compute)."""
-    desc = describe(args, checkpoint_tensors(args, cat), dtype)
-    moe = {g.layer for g in desc.groups if g.kind == "expert"}
-    pred = predict(desc, plan, profile, Workload(gpu="fake-gpu" if dev.kind == "fake-gpu" else None, extents=extents))
-    secs = [streams["compute"] for layer, streams, _ in pred.layers if layer in moe]
-    s = pred.streams
-    return sum(secs) / len(secs), max(s["disk"], s["copy"]) > s["compute"]

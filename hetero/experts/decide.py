@@ -1,5 +1,6 @@
-"""Where an expert that is not on the compute device runs, and how far ahead experts are prefetched,
-from the machine's measured speeds (placement.cost.Speeds over the hardware profile), not constants.
+"""Where an expert that is not on the compute device runs, from the machine's measured speeds
+(placement.cost.Speeds over the hardware profile), not constants. (How far ahead experts are
+prefetched is the cost model's too: placement.cost.lookahead.)
 
 A miss, computing on the gpu, has two ways out:
     "cpu"  compute the expert where its weights are: the tokens' hidden states go to the host, the
@@ -12,31 +13,7 @@ the cpu there is one way only: read into RAM and compute.
 Shape legend: N tokens routed to the expert, C hidden size, I expert intermediate size.
 """
 
-from math import ceil
-
 from ..placement.cost import Speeds, Workload
-from ..placement.plan import MAX_LOOKAHEAD
-
-
-def lookahead(miss_s: float, layer_s: float, most: int = MAX_LOOKAHEAD, transfer_bound: bool = False) -> int:
-    """MoE layers to predict and prefetch ahead: enough that a miss's transfer, started that many
-    layers early, is done when its layer computes (ceil(miss / layer)), clamped to 1..most — or 1 when
-    transfers are the plan's bottleneck: the disk (or the copy engine) then has no idle time for reads
-    started earlier to fill, and every layer further ahead adds its wrong guesses' reads to the
-    bottleneck. (Measured with the lookahead forced, on the two plans of benchmarks/moe_offload.py, both
-    disk-bound: 3 ahead read 15-17% more bytes per token than 1 ahead, and decoded 4-11% slower in
-    the median of 5 interleaved runs each.)
-
-    Args:
-        miss_s: seconds to bring one layer's worth of missed experts to the compute tier.
-        layer_s: seconds one layer computes.
-        transfer_bound: the cost model predicts reads or copies, not compute, bound the decode step.
-    """
-    if transfer_bound:
-        return 1
-    if layer_s <= 0:
-        return most
-    return max(1, min(most, ceil(miss_s / layer_s)))
 
 
 def ffn_s(sp: Speeds, C: int, I: int, item: int, dtype: str, n: int, overhead: float) -> float:
@@ -112,9 +89,3 @@ class ExpertCosts:
     def miss_s(self, home: str, n: int = 1) -> float:
         """Predicted seconds of a miss served the faster way (the prefetch queue's order: probability x this)."""
         return min(self.options(home, n).values())
-
-    def transfer_s(self, home: str) -> float:
-        """Seconds of moving one expert from `home` to the compute tier (what prefetching hides)."""
-        if self.compute == "cpu":
-            return self.read_s() if home == "disk" else 0.0
-        return (self.read_s() if home == "disk" else 0.0) + self.copy_s()

@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import HeteroError
 from .describe import ModelDesc
 from .hardware import Profile
-from .plan import EXTENT_ALIGN, HEAD_READ_SLACK, LM_HEAD_CHUNK_BYTES, TIERS, Plan, next_token_reads
-from .schedule import COLS, COMP, COPY, FIFO, HAZ, PRE, SYNC, replay, serial
+from .plan import EXTENT_ALIGN, HEAD_READ_SLACK, LM_HEAD_CHUNK_BYTES, MAX_LOOKAHEAD, TIERS, Plan, next_token_reads
+from .schedule import COLS, COMP, COPY, EPRE, FIFO, HAZ, PRE, SYNC, replay, serial
 
 STREAMS = ("disk", "copy", "compute")
 FETCH_OPS = 2  # per tensor brought to the device: accountant, bind/unbind — dispatch-sized Python work
@@ -47,8 +47,9 @@ class Workload:
         extents: the pack's layout, group -> (extent bytes, data bytes, tensors are views in the compute
             dtype), as flash.pack.staging_extents gives; default a pack in the compute dtype.
         expert_recall: share of the experts a token uses that the routing predictor read ahead (its
-            measured recall at the lookahead; experts/manager.py): those reads overlap compute like
-            the pipeline's, the rest are fetched on demand; 0 with prediction off.
+            measured recall at the lookahead; experts/manager.py): those reads are queued by the MoE
+            layer that predicts them (schedule.py), the rest are fetched on demand, and so are all
+            of the first MoE layer's, which no layer predicts; 0 with prediction off.
         routing_trace: the RoutingTrace itself (experts/trace.py): the plan's expert caches are
             replayed on it (experts/replay.hit_shares, policy `expert_policy`) for their hit shares,
             which then reflect the routing's locality, not only its frequencies.
@@ -74,6 +75,7 @@ class Prediction:
     # per decoder layer: (layer, {stream: s, "stall": wait for its reads, "loop": s the loop spends on it}, bottleneck)
     layers: list = field(hash=False)
     stall_s: float = 0.0  # decode seconds per token the loop waits for reads (prefetched layers, expert fetches)
+    expert_lookahead: int = 1  # MoE layers the runtime predicts and prefetches ahead (lookahead())
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -270,6 +272,9 @@ class Tables:
         label: the compute device, in words.
         gpu: the compute device is the gpu tier (copies of layer j+1 wait for its reads before j computes).
         cached_moe: seconds each MoE layer adds when the plan has an expert cache (overheads.py).
+        moe_layers: the MoE layers in order; top_k: experts per token.
+        expert_move_s: tier -> seconds of bringing one expert from there to the compute device (the
+            slowest expert; what prefetching has to hide).
     """
 
     decode: np.ndarray
@@ -283,6 +288,9 @@ class Tables:
     label: str
     overlap: bool
     cached_moe: float = 0.0
+    moe_layers: tuple = ()
+    top_k: int = 0
+    expert_move_s: dict = field(default_factory=dict)
 
 
 def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) -> Tables:
@@ -296,6 +304,8 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
     bucket = np.zeros(n, dtype=np.int64)
     allowed = [t for t in TIERS if compute == "gpu" or t != "gpu"]
     memo = {}
+    moe = tuple(sorted({g.layer for g in desc.groups if g.kind == "expert"}))
+    move = {}
     for i, g in enumerate(desc.groups):
         bucket[i] = 0 if g.kind == "embed" and not a.tie_word_embeddings else (L + 1 if g.layer is None else g.layer + 1)
         ext = _extent(workload, g)
@@ -306,14 +316,18 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
             if g.kind == "norms":
                 continue
             p = probs.get((g.layer, g.expert), 1.0)
-            key = (g.kind, g.nbytes, desc.reads[g.name], ext, t, p)
+            recall = 0.0 if g.kind == "expert" and g.layer == moe[0] else workload.expert_recall  # none predicts it
+            key = (g.kind, g.nbytes, desc.reads[g.name], ext, t, p, recall)
             if key not in memo:
-                memo[key] = _group(sp, desc, g, t, compute, P, p, dt, ext, workload.expert_recall)
+                memo[key] = _group(sp, desc, g, t, compute, P, p, dt, ext, recall)
             dec[i, ti], pre[i, ti] = memo[key]
+            if g.kind == "expert" and t != compute:
+                f = _fetch(sp, desc, g, t, compute, ext)
+                move[t] = max(move.get(t, 0.0), float(f[PRE] + f[COPY] + f[COMP]))
     fixed_d, fixed_p = _fixed(sp, desc, workload, probs)
     return Tables(dec, pre, fixed_d, fixed_p, bucket, np.array([g.nbytes for g in desc.groups], dtype=np.int64),
                   tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap,
-                  sp.family(a.model_type).get("cached_moe", 0.0))
+                  sp.family(a.model_type).get("cached_moe", 0.0), moe, a.num_experts_per_tok or 0, move)
 
 
 def _group(sp: Speeds, desc, g, tier: str, compute: str, P: int, p: float, dt: str, ext: tuple, recall: float = 0.0):
@@ -336,14 +350,14 @@ def _group(sp: Speeds, desc, g, tier: str, compute: str, P: int, p: float, dt: s
     pre[COMP] += max(mv, mm)
     if g.kind != "expert":
         return dec, pre
-    # fetched when picked: read ahead when the predictor saw it coming (as the pipeline's reads are),
-    # else on demand, waiting in the pool's queue behind what is queued (FIFO)
+    # fetched when picked: read ahead when the predictor saw it coming (EPRE, queued by the layer that
+    # predicted it), else on demand, waiting in the pool's queue behind what is queued (FIFO)
     active = 1 - (1 - p) ** P  # chance that at least one prompt token picks it
     recall = min(1.0, max(0.0, recall))
     out = []
     for share, work in ((p, p * mv), (active, max(active * mv, p * mm))):
         c = share * fetched
-        c[FIFO], c[PRE] = share * (1 - recall) * fetched[PRE], share * recall * fetched[PRE]
+        c[FIFO], c[EPRE], c[PRE] = share * (1 - recall) * fetched[PRE], share * recall * fetched[PRE], 0.0
         c[HAZ] = -log(max(1e-12, 1 - share * (1 - recall))) if fetched[PRE] > 0 else 0.0
         c[COMP] = share * fetched[COMP] + work
         out.append(c)
@@ -388,11 +402,51 @@ def bucket_streams(t: Tables, tier_index: np.ndarray, which: str = "decode") -> 
 
 
 def combine(rows: np.ndarray, overlap: bool, depth: int = 1, next_reads: int | None = None, gpu: bool = False,
-            steady: bool = True, stalls: list | None = None) -> float:
+            steady: bool = True, stalls: list | None = None, issuers: list | None = None) -> float:
     """Seconds of one forward over per-bucket costs [b, c]: the executor's schedule (schedule.replay), or serial."""
     if not overlap:
         return serial(rows)
-    return replay(rows, depth, next_reads, gpu, steady, stalls)
+    return replay(rows, depth, next_reads, gpu, steady, stalls, issuers)
+
+
+def lookahead(miss_s: float, layer_s: float, most: int = MAX_LOOKAHEAD, transfer_bound: bool = False) -> int:
+    """MoE layers to predict and prefetch ahead: enough that a miss's transfer, started that many
+    layers early, is done when its layer computes (ceil(miss / layer)), clamped to 1..most — or 1 when
+    transfers are the plan's bottleneck: the disk (or the copy engine) then has no idle time for reads
+    started earlier to fill, and every layer further ahead adds its wrong guesses' reads to the
+    bottleneck. (Measured with the lookahead forced, on the two plans of benchmarks/moe_offload.py, both
+    disk-bound: 3 ahead read 15-17% more bytes per token than 1 ahead, and decoded 4-11% slower in
+    the median of 5 interleaved runs each.)
+
+    Args:
+        miss_s: seconds to bring one layer's worth of missed experts to the compute tier.
+        layer_s: seconds one layer computes.
+        transfer_bound: the cost model predicts reads or copies, not compute, bound the decode step.
+    """
+    if transfer_bound:
+        return 1
+    if layer_s <= 0:
+        return most
+    return max(1, min(most, ceil(miss_s / layer_s)))
+
+
+def expert_schedule(t: Tables, rows: np.ndarray) -> tuple[int, list]:
+    """(the lookahead the runtime takes for a placement with per-bucket costs rows [b, c] (lookahead(): a
+    layer's top_k experts from the slowest tier they are homed on, over an MoE layer's compute), the
+    issuers replay() takes: per layer, the MoE layer that predicts it, that many MoE layers earlier)."""
+    L = len(rows) - 2
+    if not t.moe_layers:
+        return 1, [-1] * L
+    s = _streams(rows.sum(axis=0))
+    disk = rows[:, [FIFO, EPRE]].sum() > 0
+    move = t.expert_move_s.get("disk" if disk else "cpu", 0.0) if t.compute == "gpu" or disk else 0.0
+    layer_s = float(np.mean([rows[m + 1, COMP] for m in t.moe_layers]))
+    ahead = lookahead(t.top_k * move, layer_s, transfer_bound=max(s["disk"], s["copy"]) > s["compute"])
+    issuers = [-1] * L
+    for i, m in enumerate(t.moe_layers):
+        if i:  # the first is predicted by none
+            issuers[m] = t.moe_layers[max(0, i - ahead)]
+    return ahead, issuers
 
 
 def tier_index(t: Tables, plan: Plan) -> np.ndarray:
@@ -469,7 +523,8 @@ def weighted_streams(t: Tables, weights: np.ndarray, which: str = "decode") -> n
 
 
 def _streams(row) -> dict:
-    return {"disk": float(row[PRE] + row[FIFO] + row[SYNC]), "copy": float(row[COPY]), "compute": float(row[COMP])}
+    return {"disk": float(row[PRE] + row[FIFO] + row[SYNC] + row[EPRE]), "copy": float(row[COPY]),
+            "compute": float(row[COMP])}
 
 
 def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = Workload(), tabs: Tables | None = None) -> Prediction:
@@ -499,7 +554,8 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
     nxt = next_token_reads(list(desc.groups), plan.tiers, plan.compute, plan.depth, extents)
     L = len(dec) - 2
     stalls = [0.0] * L
-    kw = dict(depth=plan.depth, next_reads=nxt, gpu=plan.compute == "gpu")
+    ahead, issuers = expert_schedule(t, dec)
+    kw = dict(depth=plan.depth, next_reads=nxt, gpu=plan.compute == "gpu", issuers=issuers)
     decode = combine(dec, t.overlap, stalls=stalls, **kw)
     prefill = combine(pre, t.overlap, steady=False, **kw)
     names = {"disk": "disk read", "copy": "host->gpu copy", "compute": f"compute on {t.label}"}
@@ -512,4 +568,4 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
         layers.append((l, {**s, "stall": stalls[l], "loop": loop}, names[max(s, key=s.get)]))
     totals = _streams(dec.sum(axis=0))
     return Prediction(prefill_s=prefill, decode_s_per_token=decode, bottleneck=names[max(totals, key=totals.get)],
-                      streams=totals, layers=layers, stall_s=float(sum(stalls)))
+                      streams=totals, layers=layers, stall_s=float(sum(stalls)), expert_lookahead=ahead)

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .cost import Tables, Workload, combine, predict, tables
+from .cost import Tables, Workload, combine, expert_schedule, predict, tables
 from .describe import ModelDesc
 from .greedy import cache_tiers, greedy_plan, minimum_bytes
 from .plan import TIERS, Plan, next_token_reads, tier_usage
@@ -59,8 +59,11 @@ class _State:
 
     def _of(self, sd, sp, cur) -> float:
         nxt = self.nxt(cur) if self.nxt else None
-        out = combine(sd, self.t.overlap, next_reads=nxt, **self.sched)
-        return out + self.w * combine(sp, self.t.overlap, next_reads=nxt, steady=False, **self.sched) if self.w else out
+        issuers = expert_schedule(self.t, sd)[1]  # the runtime's lookahead follows the placement's bottleneck
+        out = combine(sd, self.t.overlap, next_reads=nxt, issuers=issuers, **self.sched)
+        if not self.w:
+            return out
+        return out + self.w * combine(sp, self.t.overlap, next_reads=nxt, steady=False, issuers=issuers, **self.sched)
 
     def objective(self) -> float:
         if self._obj is None:
