@@ -55,6 +55,14 @@ def test_logits_identical_with_prefetch_on_and_off_and_to_the_resident_model(ckp
         assert (want - ref(ids).logits).abs().max().item() <= 1e-4
     prompt = ids[:, :4]
     text = resident.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    # one sequence decodes one token per step, through the dispatch's single-token path
+    ex = resident.executor
+    cache = ex.new_cache()
+    try:
+        steps = [ex.forward(ids[:, :4], cache)] + [ex.forward(ids[:, t:t + 1], cache) for t in range(4, 10)]
+    finally:
+        cache.free()
+    assert (torch.cat(steps, dim=1) - want).abs().max().item() <= 1e-4
     for compute, device, cycle, cache in PLACEMENTS:
         for prefetch in (True, False):
             m = hetero.load_offloaded(ckpt, plan=expert_plan(ckpt, compute, cycle, cache), device=device,

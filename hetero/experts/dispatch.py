@@ -31,15 +31,28 @@ class ExpertDispatch:
             observe(self.layer, x, idx, w)
         m = self.manager
         used = m.begin_layer(self.layer, idx, w)
-        where = {e: torch.where(idx == e) for e in used}  # e -> (token [n], slot [n])
-        m.prepare(self.layer, x, {e: len(where[e][0]) for e in used})
+        one = x.shape[0] == 1  # decoding: every expert takes the one token, nothing to gather or scatter
+        if one:
+            slot = {e: i for i, e in enumerate(idx[0].tolist())}
+            counts = dict.fromkeys(used, 1)
+        else:
+            where = {e: torch.where(idx == e) for e in used}  # e -> (token [n], slot [n])
+            counts = {e: len(where[e][0]) for e in used}
+        m.prepare(self.layer, x, counts)
         out = torch.zeros_like(x)
         for e in used:
-            token, slot = where[e]
-            with m.serve(self.layer, e, len(token)) as (tier, (gate, up, down)):
-                xs, ws = x[token], w[token, slot, None]
+            if one:
+                token, xs, ws = None, x, w[:, slot[e], None]  # [1, C], [1, 1]
+            else:
+                token, s = where[e]
+                xs, ws = x[token], w[token, s, None]
+            with m.serve(self.layer, e, counts[e]) as (tier, (gate, up, down)):
                 if tier != m.compute:  # computed where its weights are: the CPU
                     xs, ws = xs.cpu(), ws.cpu()
                 y = expert_ffn(xs, gate, up, down) * ws
-            out.index_add_(0, token, y.to(device=out.device, dtype=out.dtype))
+            y = y.to(device=out.device, dtype=out.dtype)
+            if one:
+                out += y  # the sum index_add_ makes of a single row, in the same (ascending expert) order
+            else:
+                out.index_add_(0, token, y)
         return out

@@ -71,7 +71,8 @@ class ExpertManager:
 
     def begin_layer(self, layer: int, idx: torch.Tensor, w: torch.Tensor) -> list[int]:
         """idx [N, k], w [N, k] -> the experts used by layer `layer`, in ascending order."""
-        used = torch.unique(idx).tolist()
+        one = idx.shape[0] == 1  # decoding: the token's own k distinct experts, no unique() or scatter
+        used = sorted(idx[0].tolist()) if one else torch.unique(idx).tolist()
         for d, scores in self.predictions.pop(layer, ()):
             top = set(torch.topk(scores, min(len(used), len(scores))).indices.tolist())
             hit = len(top & set(used)) / len(used)
@@ -82,9 +83,12 @@ class ExpertManager:
         if self.caches:
             # routing weight per expert summed over the tokens, in one pass (E ops per layer were ~20% of
             # the dispatch loop's own time at one token)
-            weights = torch.zeros(max(self.E, int(idx.max()) + 1), dtype=torch.float64)
-            weights.index_add_(0, idx.reshape(-1).long().cpu(), w.reshape(-1).double().cpu())
-            weights = weights.tolist()
+            if one:
+                weights = dict(zip(idx[0].tolist(), w[0].double().tolist()))
+            else:
+                weights = torch.zeros(max(self.E, int(idx.max()) + 1), dtype=torch.float64)
+                weights.index_add_(0, idx.reshape(-1).long().cpu(), w.reshape(-1).double().cpu())
+                weights = weights.tolist()
             for e in used:
                 for c in self.caches.values():
                     c.policy.touch((layer, e), weights[e])
