@@ -100,6 +100,23 @@ def test_load_predictor_reads_a_calibrated_file(tmp_path):
     assert load_predictor(model_dir, routers, 2, 1).kind == "calibrated"
 
 
+def test_expert_recall_counts_each_experts_uses():
+    from hetero.experts.calibrate import expert_recall
+
+    # layer 0 predicts layer 1: experts 0 and 1 always predicted; layer 1 truly routes (0, 2) then (0, 1)
+    trace = RoutingTrace(4, 2, {0: np.array([[0, 1], [0, 1]]), 1: np.array([[0, 2], [0, 1]])},
+                         {0: np.ones((2, 2), np.float32), 1: np.ones((2, 2), np.float32)},
+                         x={0: np.zeros((2, 3), np.float32), 1: np.zeros((2, 3), np.float32)})
+
+    class Fixed:
+        def token_scores(self, layer, depth, x):
+            return torch.tensor([[3.0, 2.0, 1.0, 0.0]]).expand(x.shape[0], 4) if layer == 0 else None
+
+    got = expert_recall(Fixed(), trace, 1)
+    # expert 0: 2 of 2 uses predicted, 1: 1 of 1, 2: 0 of 1; 3, never used, takes the layer's 3 of 4
+    assert list(got) == [1] and got[1] == pytest.approx([1.0, 1.0, 0.0, 0.75])
+
+
 def test_calibrated_recall_is_the_matching_predictors_heldout_figure(tmp_path):
     from helpers import tiny_checkpoint
     from test_predictor import _routers
@@ -119,6 +136,9 @@ def test_calibrated_recall_is_the_matching_predictors_heldout_figure(tmp_path):
         pred.meta = {"heldout_recall": {"1": 0.875}}
         pred.save(model_dir / PREDICTOR_FILE)
         assert calibrated_recall(model_dir, cat, model) == 0.875
+        pred.meta = {"heldout_recall": {"1": 0.875}, "heldout_expert_recall": {"1": [0.5, 1.0]}}
+        pred.save(model_dir / PREDICTOR_FILE)
+        assert calibrated_recall(model_dir, cat, model) == {1: [0.5, 1.0]}  # per expert, when the file has it
         calibrate(trace, routers, depths=1, fingerprint="another model").save(model_dir / PREDICTOR_FILE)
         assert calibrated_recall(model_dir, cat, model) == 0.0
     finally:

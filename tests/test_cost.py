@@ -138,6 +138,11 @@ def test_the_first_moe_layer_is_predicted_by_none_and_its_experts_are_fetched_on
     ahead, issuers = expert_schedule(t, rows)
     assert issuers == [-1] + [max(0, m - ahead) for m in (1, 2)]
     assert predict(desc, plan, p, Workload(expert_recall=0.9)).expert_lookahead == ahead
+    # per expert (layer -> [E]): expert 0 of layer 1 always read ahead, the others never
+    t = tables(desc, p, Workload(expert_recall={1: [1.0, 0.0, 0.0, 0.0], 2: [0.0] * 4}), "cpu")
+    by = {n: i for i, n in enumerate(t.names)}
+    e0, e1 = t.decode[by["layers.1.experts.0"], 2], t.decode[by["layers.1.experts.1"], 2]
+    assert e0[FIFO] == 0 and e0[EPRE] > 0 and e1[EPRE] == 0 and e1[FIFO] == pytest.approx(e0[EPRE])
 
 
 def test_prediction_replays_the_pipeline_between_serial_and_fully_overlapped():

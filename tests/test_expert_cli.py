@@ -88,7 +88,12 @@ def test_calibrate_writes_a_predictor_the_runtime_picks_up(moe, capsys):
     from test_predictor import _routers
 
     args, routers = _routers(model_dir)
-    assert load_predictor(model_dir, routers, 2, 1).kind == "calibrated"
+    pred = load_predictor(model_dir, routers, 2, 1)
+    assert pred.kind == "calibrated"
+    # each expert's held-out recall 1 ahead, for every MoE layer some layer predicts: what the cost model reads
+    per_expert = pred.meta["heldout_expert_recall"]
+    assert sorted(int(t) for t in per_expert) == sorted(routers)[1:]
+    assert all(len(row) == args.num_experts and all(0 <= r <= 1 for r in row) for row in per_expert.values())
     code, out, err = _run(capsys, "calibrate", model_dir, "--text", text_file, "--max-tokens", 300, *LOAD)
     assert code == 0 and "average" in out and "predictor written to" in out, err
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import HeteroError
-from .calibrate import calibrate, recall
+from .calibrate import calibrate, expert_recall, recall
 from .predictor import PREDICTOR_FILE, LinearPredictor, SpeculativeGating, model_fingerprint, read_routers
 from .trace import RoutingTrace, TraceRecorder
 
@@ -41,11 +41,12 @@ def recorded_trace(model_dir, catalogue, model, notes: list) -> RoutingTrace | N
     return None
 
 
-def calibrated_recall(model_dir, catalogue, model) -> float:
+def calibrated_recall(model_dir, catalogue, model) -> float | dict:
     """1-layer-ahead recall the calibrated predictor next to the model measured on held-out tokens when
     it was fitted (0.0 without a matching one): the share of expert uses the cost model takes as read
-    ahead. (Speculative gating has no measured figure, so it is taken as reading nothing ahead.)
-    Reads the file's header only."""
+    ahead — per expert ({layer: [E]}, cost.Workload.expert_recall) when the file has those figures,
+    else one number. (Speculative gating has no measured figure, so it is taken as reading nothing
+    ahead.) Reads the file's header only."""
     path = Path(model_dir) / PREDICTOR_FILE
     if not path.is_file():
         return 0.0
@@ -55,7 +56,11 @@ def calibrated_recall(model_dir, catalogue, model) -> float:
         return 0.0
     if meta.get("fingerprint") != model_fingerprint(model_dir, read_routers(catalogue, model)):
         return 0.0
-    return float(((meta.get("meta") or {}).get("heldout_recall") or {}).get("1") or 0.0)
+    facts = meta.get("meta") or {}
+    per_expert = facts.get("heldout_expert_recall")
+    if per_expert:
+        return {int(layer): [float(r) for r in row] for layer, row in per_expert.items()}
+    return float((facts.get("heldout_recall") or {}).get("1") or 0.0)
 
 
 def sample_text() -> str:
@@ -218,8 +223,10 @@ def calibrate_model(m, text: str, max_tokens: int | None = None, out=None, progr
             res[key][d] = r
             res["average" if key == "recall" else "speculative_average"][d] = sum(r.values()) / len(r) if r else None
     fp = model_fingerprint(m.path, routers)
+    per_expert = {str(t): r for t, r in expert_recall(trial, held, 1).items()}  # 1 ahead, as heldout_recall's "1"
     final = calibrate(trace, routers, DEPTHS, fingerprint=fp,
-                      meta={"text_tokens": N, "heldout_recall": {str(d): v for d, v in res["average"].items()}})
+                      meta={"text_tokens": N, "heldout_recall": {str(d): v for d, v in res["average"].items()},
+                            "heldout_expert_recall": per_expert})
     path = Path(out) if out else Path(m.path) / PREDICTOR_FILE
     final.save(path)
     res["fit_s"] = time.perf_counter() - t1

@@ -49,7 +49,8 @@ class Workload:
         expert_recall: share of the experts a token uses that the routing predictor read ahead (its
             measured recall at the lookahead; experts/manager.py): those reads are queued by the MoE
             layer that predicts them (schedule.py), the rest are fetched on demand, and so are all
-            of the first MoE layer's, which no layer predicts; 0 with prediction off.
+            of the first MoE layer's, which no layer predicts; 0 with prediction off. One number, or
+            per expert {layer: [E]} (the experts a cache misses are predicted worse than the average).
         routing_trace: the RoutingTrace itself (experts/trace.py): the plan's expert caches are
             replayed on it (experts/replay.hit_shares, policy `expert_policy`) for their hit shares,
             which then reflect the routing's locality, not only its frequencies.
@@ -61,7 +62,7 @@ class Workload:
     gpu: str | None = None
     expert_freq: object = field(default=None, hash=False, compare=False)
     extents: dict | None = field(default=None, hash=False, compare=False)
-    expert_recall: float = 0.0
+    expert_recall: object = field(default=0.0, hash=False)
     routing_trace: object = field(default=None, hash=False, compare=False)
     expert_policy: str = "score"
 
@@ -316,7 +317,7 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
             if g.kind == "norms":
                 continue
             p = probs.get((g.layer, g.expert), 1.0)
-            recall = 0.0 if g.kind == "expert" and g.layer == moe[0] else workload.expert_recall  # none predicts it
+            recall = _recall(workload.expert_recall, g, moe)
             key = (g.kind, g.nbytes, desc.reads[g.name], ext, t, p, recall)
             if key not in memo:
                 memo[key] = _group(sp, desc, g, t, compute, P, p, dt, ext, recall)
@@ -328,6 +329,17 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
     return Tables(dec, pre, fixed_d, fixed_p, bucket, np.array([g.nbytes for g in desc.groups], dtype=np.int64),
                   tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap,
                   sp.family(a.model_type).get("cached_moe", 0.0), moe, a.num_experts_per_tok or 0, move)
+
+
+def _recall(recall, g, moe: tuple) -> float:
+    """The share of an expert's uses read ahead (Workload.expert_recall); 0 for the first MoE layer's,
+    which no layer predicts (and for groups that are not experts, where it is unused)."""
+    if g.kind != "expert" or g.layer == moe[0]:
+        return 0.0
+    if isinstance(recall, dict):
+        row = recall.get(g.layer)
+        return float(row[g.expert]) if row is not None and g.expert < len(row) else 0.0
+    return float(recall)
 
 
 def _group(sp: Speeds, desc, g, tier: str, compute: str, P: int, p: float, dt: str, ext: tuple, recall: float = 0.0):
