@@ -139,6 +139,9 @@ def test_calibrated_recall_is_the_matching_predictors_heldout_figure(tmp_path):
         pred.meta = {"heldout_recall": {"1": 0.875}, "heldout_expert_recall": {"1": [0.5, 1.0]}}
         pred.save(model_dir / PREDICTOR_FILE)
         assert calibrated_recall(model_dir, cat, model) == {1: [0.5, 1.0]}  # per expert, when the file has it
+        pred.meta = {"heldout_expert_recall": {"1": ["high", None]}}
+        pred.save(model_dir / PREDICTOR_FILE)
+        assert calibrated_recall(model_dir, cat, model) == 0.0  # unreadable figures are none, not an error
         calibrate(trace, routers, depths=1, fingerprint="another model").save(model_dir / PREDICTOR_FILE)
         assert calibrated_recall(model_dir, cat, model) == 0.0
     finally:

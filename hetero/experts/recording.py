@@ -58,9 +58,12 @@ def calibrated_recall(model_dir, catalogue, model) -> float | dict:
         return 0.0
     facts = meta.get("meta") or {}
     per_expert = facts.get("heldout_expert_recall")
-    if per_expert:
-        return {int(layer): [float(r) for r in row] for layer, row in per_expert.items()}
-    return float((facts.get("heldout_recall") or {}).get("1") or 0.0)
+    try:
+        if per_expert:
+            return {int(layer): [min(1.0, max(0.0, float(r))) for r in row] for layer, row in per_expert.items()}
+        return float((facts.get("heldout_recall") or {}).get("1") or 0.0)
+    except (TypeError, ValueError, AttributeError):  # a hand-edited file: no figure rather than a wrong one
+        return 0.0
 
 
 def sample_text() -> str:

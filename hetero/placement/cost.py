@@ -321,10 +321,10 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
             key = (g.kind, g.nbytes, desc.reads[g.name], ext, t, p, recall)
             if key not in memo:
                 memo[key] = _group(sp, desc, g, t, compute, P, p, dt, ext, recall)
+                if g.kind == "expert" and t != compute:  # (groups of one key move alike: counted once)
+                    f = _fetch(sp, desc, g, t, compute, ext)
+                    move[t] = max(move.get(t, 0.0), float(f[PRE] + f[COPY] + f[COMP]))
             dec[i, ti], pre[i, ti] = memo[key]
-            if g.kind == "expert" and t != compute:
-                f = _fetch(sp, desc, g, t, compute, ext)
-                move[t] = max(move.get(t, 0.0), float(f[PRE] + f[COPY] + f[COMP]))
     fixed_d, fixed_p = _fixed(sp, desc, workload, probs)
     return Tables(dec, pre, fixed_d, fixed_p, bucket, np.array([g.nbytes for g in desc.groups], dtype=np.int64),
                   tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap,
