@@ -18,7 +18,7 @@ from .flash import pack as packs
 from .generate import SamplingParams, generate_ids, stream_generate
 from .kvstore import factory as kvstore
 from .models import family_for
-from .placement.describe import checkpoint_tensors, compute_dtype
+from .placement.describe import checkpoint_tensors, compute_dtype, describe
 from .placement.greedy import cache_tiers, expert_cache_slots, greedy_plan
 from .placement.groups import make_groups
 from .placement.plan import Plan, plan_table, validate
@@ -176,7 +176,6 @@ class OffloadedModel:
 def _predicted_decode(m) -> float | None:
     """The cost model's decode seconds per token for this plan and the tokens run so far (None without a profile)."""
     from .placement.cost import predict
-    from .placement.describe import describe
 
     t = m.executor.timing
     key = (t["prefill_tokens"], t["decode_tokens"])
@@ -193,8 +192,10 @@ def _predicted_decode(m) -> float | None:
             desc = m._desc = describe(m.config, checkpoint_tensors(m.config, cat), m.dtype)
         finally:
             cat.close()
+    pack = m.executor.store.pack  # the bytes read and decoded are the pack's, as it was written
     workload = _routing_workload(m.device, getattr(m, "routing", {}), prompt_tokens=max(1, t["prefill_tokens"]),
-                                 new_tokens=max(1, t["decode_tokens"]))
+                                 new_tokens=max(1, t["decode_tokens"]),
+                                 extents=packs.staging_extents(pack.extents, m.dtype) if pack else None)
     s = predict(desc, m.plan, profile, workload).decode_s_per_token
     m._prediction = (key, s)
     return s
@@ -239,7 +240,6 @@ def _plan_function(planner: str, profile, args, cat, dtype, device, routing: dic
     """
     if planner == "greedy":
         return greedy_plan
-    from .placement.describe import describe
     from .placement.planner import plan_model
 
     desc = describe(args, checkpoint_tensors(args, cat), dtype)
@@ -345,8 +345,10 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         profile: a hardware.Profile or a profile JSON path to plan with (default: this machine's).
             With a paged cache (attention="retrieval" or a kv_budget): the longest context accepted
             (default: the model's limit).
-        pack: what disk-tier weights are read as: a pack dtype ("bf16", "fp16", "float32", "int8",
-            "int4", "int8-g32" for a group size) or a pack directory; default the compute dtype (lossless).
+        pack: what disk-tier weights are read as: a pack dtype ("bf16", "bf16z", "fp16", "float32",
+            "int8", "int4", "int8-g32" for a group size) or a pack directory. Default: lossless, the
+            compute dtype, or for a bfloat16 checkpoint bf16z (the same values in a quarter fewer
+            bytes) when the cost planner predicts it faster (placement/packing.py).
         progress: callback(done, total) for the progress of packing, or None.
         attention: "exact" (default) or "retrieval" (KV blocks off the compute device reached through a
             per-head ANN index of their keys; hetero/kvstore/retrieval.py).
@@ -405,24 +407,49 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     profile = _profile_for(planner, profile, plan, lambda *_: None)
     if plan is None:
         plan_fn = _plan_function(planner, profile, args, cat, cdtype, dev, facts)
-        plan = plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
-                       fixed_context=context is not None, **routing)
+
+        def plan_for(ext):
+            return plan_fn(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),
+                           fixed_context=context is not None, **{**routing, "extents": ext}), None
+        if planner == "cost" and pack is None:  # no pack named: the lossless format predicted fastest
+            from .placement.packing import lossless_formats, pick_format
+
+            desc = describe(args, tensors, cdtype)
+            fmt, extents, plan, _ = pick_format(desc, lossless_formats(desc), profile, _routing_workload(dev, facts),
+                                                plan_for)
+            routing["extents"] = extents
+        else:
+            plan, _ = plan_for(extents)
         if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
             notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
-        source = "plan"
+        source, planned = "plan", True
     else:
-        source = str(plan) if not isinstance(plan, Plan) else "plan"
+        source, planned = (str(plan) if not isinstance(plan, Plan) else "plan"), False
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         if plan.kv_tokens > max_ctx:
             raise HeteroError(f"{source}: kv_tokens {plan.kv_tokens} exceeds the model's {max_ctx}-token limit")
         if expert_cache is not None:
             plan = replace(plan, expert_cache=expert_cache_slots(expert_cache, groups, args, plan.compute, {}, extents))
-    used = cache_tiers(groups, plan.tiers, plan.compute)  # a cache no expert of this placement would pass through
-    plan = replace(plan, expert_cache={t: n for t, n in plan.expert_cache.items() if t in used and n})
+
+    def trimmed(plan):
+        used = cache_tiers(groups, plan.tiers, plan.compute)  # a cache no expert of this placement would pass through
+        return replace(plan, expert_cache={t: n for t, n in plan.expert_cache.items() if t in used and n})
+
+    plan = trimmed(plan)
+    if planned or opened is not None or not fmt.codec:  # refused before a pack is written
+        validate(plan, groups, args, cdtype, dev.has_gpu, source, extents)
+    if "disk" in plan.tiers.values() and opened is None:
+        opened = _ensure_pack(path, cat, tensors, groups, fmt, disk_dir, Accountant(plan.budgets), say, progress)
+        written = packs.staging_extents(opened.extents, cdtype)
+        if written != extents:  # a compressed pack's exact sizes are known once it is written
+            extents = routing["extents"] = written
+            if planned:
+                try:
+                    validate(plan, groups, args, cdtype, dev.has_gpu, source, extents)
+                except HeteroError:  # its weights escaped the codec more than layout() guessed
+                    plan = trimmed(plan_for(extents)[0])
     validate(plan, groups, args, cdtype, dev.has_gpu, source, extents)
     acc = Accountant(plan.budgets)
-    if "disk" in plan.tiers.values() and opened is None:
-        opened = _ensure_pack(path, cat, tensors, groups, fmt, disk_dir, acc, say, progress)
     weights = WeightStore(model, fam, cat, groups, plan, dev, acc, cdtype, pack=opened)
     kv = kvstore.kv_cache_factory(attention, plan, groups, args, cdtype, dev, acc, max_tokens, disk_dir,
                                   extents) if paged else None

@@ -74,8 +74,9 @@ def load_options(f):
         click.option("--context", type=int, help="Tokens of KV cache to reserve (default: up to 4096, shrunk to fit)."),
         # kept in the click context (not a parameter of every command): _load reads it
         click.option("--pack", expose_value=False, callback=lambda ctx, _p, v: ctx.meta.__setitem__("hetero.pack", v),
-                     help="Read disk-tier weights from a pack of this dtype: bf16, fp16, float32, int8, int4 "
-                          "(int8-g32: group size 32), or a pack directory (default: the compute dtype, lossless)."),
+                     help="Read disk-tier weights from a pack of this dtype: bf16, bf16z (bf16 losslessly compressed), "
+                          "fp16, float32, int8, int4 (int8-g32: group size 32), or a pack directory (default: lossless, "
+                          "the compute dtype or bf16z, whichever the cost model predicts faster)."),
         click.option("--planner", type=click.Choice(["cost", "greedy"]), default="cost", show_default=True,
                      expose_value=False, callback=_planner_option,
                      help="cost: place by predicted time (hetero plan); greedy: fill gpu, then RAM, in order."),
@@ -303,8 +304,9 @@ def pull(name, dtype, quiet):
 
 @cli.command()
 @click.argument("model")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "float32", "int8", "int4"]),
-              help="What to store: default the checkpoint's own dtype (lossless); int8/int4 quantize weights.")
+@click.option("--dtype", type=click.Choice(["bf16", "bf16z", "fp16", "float32", "int8", "int4"]),
+              help="What to store: default the checkpoint's own dtype (lossless); bf16z: bf16 in 12 bits a weight, "
+                   "lossless; int8/int4 quantize weights.")
 @click.option("--group-size", type=int, default=64, show_default=True, help="int8/int4: input columns per scale.")
 @click.option("--disk-dir", type=click.Path(), help="Write the pack here (default: inside the model's directory).")
 @click.option("--quiet", "-q", is_flag=True)
@@ -404,7 +406,8 @@ def profile(disk_dir, refresh, as_json):
               help="MoE: a routing trace of this model (`hetero trace`): place experts and predict caches by it "
                    "(default: the one next to the model, if any).")
 @click.option("--pack", help="Plan for disk-tier weights read from a pack of this dtype, as `hetero run --pack`: bf16, "
-                             "fp16, float32, int8, int4 (int8-g32: group size 32); default the compute dtype.")
+                             "bf16z, fp16, float32, int8, int4 (int8-g32: group size 32); default as `hetero run`: "
+                             "lossless, the compute dtype or bf16z, whichever is predicted faster.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_(model, vram, ram, context, dtype, device, planner, prompt_tokens, new_tokens, profile_file, save, trace_file,
           pack, as_json):

@@ -13,6 +13,7 @@ import torch
 from hetero.api import checkpoint_tensors
 from hetero.checkpoint.catalogue import Catalogue
 from hetero.config import ModelArgs
+from hetero.flash import pack as packs
 from hetero.models import family_for
 from hetero.placement.groups import make_groups
 from hetero.placement.plan import Plan, tier_usage
@@ -111,7 +112,7 @@ def model_groups(model_dir: Path, dtype: torch.dtype = torch.float32):
 
 
 def spread_plan(model_dir: Path, cycle, compute: str = "cpu", norms: str | None = None, kv_tokens: int = 128,
-                dtype: torch.dtype = torch.float32, budgets="exact") -> Plan:
+                dtype: torch.dtype = torch.float32, budgets="exact", pack: str | None = None) -> Plan:
     """A hand-made Plan placing the groups (norms excepted) on the tiers of `cycle`, round robin.
 
     Args:
@@ -120,13 +121,23 @@ def spread_plan(model_dir: Path, cycle, compute: str = "cpu", norms: str | None 
         norms: the tier of the norms group (default: the compute tier).
         budgets: "exact" for budgets equal to what the plan commits per tier (weights + staging + KV),
             so that any byte the runtime holds beyond its promise fails the load or the run; or a dict.
+        pack: the pack dtype disk-tier groups will be read from (its layout sets the staging), as
+            load_offloaded(pack=...); default one in the compute dtype.
     """
     args, groups = model_groups(model_dir, dtype)
     deal = itertools.cycle(cycle)
     tiers = {g.name: (norms or compute) if g.kind == "norms" else next(deal) for g in groups}
     plan = Plan(tiers=tiers, compute=compute, budgets={}, kv_tokens=kv_tokens)
     if budgets == "exact":
-        use = tier_usage(groups, plan, args, dtype)
+        extents = None
+        if pack is not None:
+            cat = Catalogue(model_dir)
+            fmt = packs.PackFormat.parse(pack)
+            tensors = checkpoint_tensors(args, cat)
+            codecs = packs.codec_stats(cat, tensors, groups, fmt) if fmt.codec else None  # the exact sizes
+            extents = packs.staging_extents(packs.layout(tensors, groups, fmt, codecs), dtype)
+            cat.close()
+        use = tier_usage(groups, plan, args, dtype, extents)
         budgets = {t: sum(use[t].values()) for t in (("gpu", "cpu") if compute == "gpu" else ("cpu",))}
     return Plan(tiers=tiers, compute=compute, budgets=dict(budgets), kv_tokens=kv_tokens)
 

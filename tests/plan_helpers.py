@@ -20,7 +20,8 @@ def synthetic_profile(gpu: bool = False, fingerprint: dict | None = None) -> Pro
     cpu = {"matvec": {"float32": [[512, 8e9], [4096, 12e9]], "bfloat16": [[512, 4e9], [4096, 4e9]],
                       "float16": [[512, 4e9], [4096, 4e9]]},
            "matmul_flops": {"float32": 50e9, "bfloat16": 100e9, "float16": 20e9}, "op_s": 2e-6, "overheads": over,
-           "dequant_bps": {"float32": 10e9, "bfloat16": 8e9, "float16": 2e9}}
+           "dequant_bps": {"float32": 10e9, "bfloat16": 8e9, "float16": 2e9},
+           "lossless_bps": {"exp4": {"float32": 16e9, "bfloat16": 16e9}}}
     compute, h2d = {"cpu": cpu}, None
     if gpu:
         compute["cuda"] = {"matvec": {k: [[512, 1e12], [4096, 2e12]] for k in ("float32", "bfloat16", "float16")},

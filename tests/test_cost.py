@@ -164,7 +164,7 @@ def test_read_sizes_follow_the_pack_layout():
     plan = _plan(desc, lambda g: "disk" if g.kind in ("attn", "mlp") else "cpu")
     f32 = predict(desc, plan, p, Workload(overlap=False))
     # an int8 pack: a quarter of the bytes read, decoded into float32 buffers on the compute thread
-    ext = {g.name: (-(-g.nbytes // 4 // 4096) * 4096, g.nbytes // 4, False) for g in desc.groups}
+    ext = {g.name: (-(-g.nbytes // 4 // 4096) * 4096, g.nbytes // 4, False, "int8") for g in desc.groups}
     i8 = predict(desc, plan, p, Workload(overlap=False, extents=ext))
     assert i8.streams["disk"] < 0.5 * f32.streams["disk"] and i8.streams["compute"] > f32.streams["compute"]
 

@@ -15,7 +15,7 @@ from hetero.flash import pack as packs
 from hetero.flash import quant
 from hetero.flash.reader import aligned_empty
 
-from helpers import model_groups, spread_plan, tiny_checkpoint
+from helpers import model_groups, over_budget, spread_plan, tiny_checkpoint
 
 
 def _pack(ckpt, fmt="float32", dest=None):
@@ -61,6 +61,63 @@ def test_packed_bf16_gives_outputs_identical_to_unpacked(tmp_path):
     assert torch.equal(packed(ids).logits, resident(ids).logits)
     a = packed.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, resident.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def _bf16_checkpoint(tmp_path, family="qwen3_moe", **overrides):
+    ckpt, ref = tiny_checkpoint(tmp_path, family, **overrides)
+    ref.to(torch.bfloat16).save_pretrained(ckpt)
+    return ckpt
+
+
+def test_a_bf16z_pack_decodes_bit_for_bit_in_three_quarters_of_the_bytes(tmp_path):
+    ckpt = _bf16_checkpoint(tmp_path, hidden_size=256, intermediate_size=512, moe_intermediate_size=128)
+    z, cat, groups = _pack(ckpt, "bf16z")
+    plain, _, _ = _pack(ckpt, "bf16")
+    assert z.format.tag == "bf16z" and z.format.codec == "exp4"
+    for g in groups:
+        x = z.extents[g.name]
+        for e in x["tensors"].values():  # layers' and experts' matrices coded; embed and lm_head, read by rows, plain
+            assert ("codec" in e) == (len(e["shape"]) == 2 and g.kind not in ("embed", "lm_head"))
+        for dtype in (torch.bfloat16, torch.float32):
+            for name, t in z.decode(g.name, _extent(z, g.name), dtype).items():
+                assert torch.equal(t, cat.read(name).to(dtype)), name
+        if g.kind in ("attn", "mlp", "expert"):
+            assert x["data_bytes"] < 0.77 * plain.extents[g.name]["data_bytes"]
+    ext = packs.staging_extents(z.extents, torch.bfloat16)
+    assert ext["layers.1.experts.3"][2:] == (False, "exp4") and ext["embed"][2:] == (True, None)
+    # planning before the weights are read: sizes from a guessed escape count, close to the exact ones
+    guess = packs.layout(checkpoint_tensors(*model_groups(ckpt)[:1], cat), groups, z.format)
+    for g in groups:
+        assert abs(guess[g.name]["data_bytes"] - z.extents[g.name]["data_bytes"]) <= 0.01 * z.extents[g.name]["data_bytes"] + 64 * len(g.tensors)
+
+
+def test_a_matrix_the_codec_cannot_shrink_is_stored_plain(tmp_path):
+    ckpt, ref = tiny_checkpoint(tmp_path, "llama")
+    with torch.no_grad():  # exponents spread over 120 binades: most would escape
+        w = ref.model.layers[0].mlp.up_proj.weight
+        w.copy_(torch.exp2(torch.randint(-60, 60, w.shape, generator=torch.Generator().manual_seed(0)).float()))
+    ref.to(torch.bfloat16).save_pretrained(ckpt)
+    z, cat, _ = _pack(ckpt, "bf16z")
+    entry = z.extents["layers.0.mlp"]["tensors"]
+    assert "codec" not in entry["model.layers.0.mlp.up_proj.weight"] and "codec" in entry["model.layers.0.mlp.down_proj.weight"]
+    got = z.decode("layers.0.mlp", _extent(z, "layers.0.mlp"), torch.bfloat16)
+    assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], cat.read("model.layers.0.mlp.up_proj.weight"))
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cpu", torch.float32), ("fake-gpu", torch.bfloat16)])
+def test_a_bf16z_pack_gives_outputs_identical_to_bf16_weights(tmp_path, device, dtype):
+    ckpt = _bf16_checkpoint(tmp_path)
+    compute = "gpu" if device == "fake-gpu" else "cpu"
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    resident = hetero.load_offloaded(ckpt, device=device, dtype=dtype,
+                                     plan=spread_plan(ckpt, (compute,), compute, dtype=dtype))
+    z = hetero.load_offloaded(ckpt, device=device, dtype=dtype, pack="bf16z",
+                              plan=spread_plan(ckpt, ("disk", "cpu"), compute, dtype=dtype, pack="bf16z"))
+    assert z.executor.store.pack.format.tag == "bf16z" and z.stats()["io"]["pack_dtype"] == "bf16z"
+    assert torch.equal(z(ids).logits, resident(ids).logits)
+    assert torch.equal(z.generate(ids, max_new_tokens=6, do_sample=False),
+                       resident.generate(ids, max_new_tokens=6, do_sample=False))
+    assert z.stats()["decode_disk_read_bytes_per_token"] > 0 and not over_budget(z)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -117,6 +174,18 @@ def test_an_interrupted_pack_leaves_nothing_that_looks_valid(tmp_path, monkeypat
     assert not stale.exists() and p.path.is_dir()
 
 
+def test_a_pack_interrupted_in_its_statistics_pass_leaves_nothing(tmp_path, monkeypatch):
+    ckpt = _bf16_checkpoint(tmp_path, "llama")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packs.lossless, "exponent_histogram", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _pack(ckpt, "bf16z")
+    assert not list(ckpt.glob("*hetero-pack*")) and not list(ckpt.glob(".*hetero-pack*"))
+
+
 def _disk_model(tmp_path):
     ckpt, _ = tiny_checkpoint(tmp_path, "llama")
     plan = spread_plan(ckpt, ("disk",))
@@ -155,6 +224,8 @@ def test_cli_pack(tmp_path, capsys):
     ckpt, _ = tiny_checkpoint(tmp_path, "llama")
     main(["pack", str(ckpt), "--quiet"])
     assert (ckpt / "hetero-pack.float32" / "manifest.json").is_file()  # the checkpoint's own dtype
+    main(["pack", str(ckpt), "--dtype", "bf16z", "--quiet"])
+    assert packs.Pack(ckpt / "hetero-pack.bf16z").format.codec == "exp4"
     main(["pack", str(ckpt), "--dtype", "int8", "--group-size", "32", "--quiet"])
     p = packs.Pack(ckpt / "hetero-pack.int8-g32")
     assert p.format == packs.PackFormat("int8", 32)

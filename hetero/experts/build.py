@@ -36,7 +36,8 @@ def build_manager(path, args, cat, model, weights, groups, extents, profile, dev
     if profile is not None and off:
         try:
             costs = ExpertCosts(profile, plan.compute, dev.kind if plan.compute == "gpu" else None, args, dtype,
-                                max(extents[g.name][0] for g in experts), all(extents[g.name][2] for g in experts))
+                                max(extents[g.name][0] for g in experts), all(extents[g.name][2] for g in experts),
+                                next((extents[g.name][3] for g in experts if not extents[g.name][2]), None))
             # a layer's top_k experts must move within the lookahead window to be there in time: the
             # cost model's rule (cost.lookahead), on the prediction stats() makes of this plan
             desc = describe(args, checkpoint_tensors(args, cat), dtype)

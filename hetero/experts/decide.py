@@ -35,9 +35,11 @@ class ExpertCosts:
         dtype: the compute torch dtype.
         stored: bytes of one expert's extent in the pack (what a disk read moves).
         view: the pack stores experts in the compute dtype (no conversion after the read).
+        decoder: what decodes them when they are not views (pack.staging_extents), else None.
     """
 
-    def __init__(self, profile, compute: str, gpu: str | None, args, dtype, stored: int, view: bool):
+    def __init__(self, profile, compute: str, gpu: str | None, args, dtype, stored: int, view: bool,
+                 decoder: str | None = None):
         self.compute = compute
         self.dev = Speeds(profile, compute, Workload(gpu=gpu))
         self.cpu = self.dev if compute == "cpu" else Speeds(profile, "cpu", Workload(gpu=gpu))
@@ -45,7 +47,7 @@ class ExpertCosts:
         self.item = dtype.itemsize
         self.dtype = str(dtype).replace("torch.", "")
         self.nbytes = 3 * self.C * self.I * self.item
-        self.stored, self.view = stored, view
+        self.stored, self.view, self.decoder = stored, view, decoder
         self.model_type = args.model_type
         self._memo: dict = {}
 
@@ -57,7 +59,7 @@ class ExpertCosts:
 
     def read_s(self) -> float:
         """A disk-homed expert read into RAM (its extent through the reader pool, then converted when not a view)."""
-        return self.cpu.pool(self.stored) + (0.0 if self.view else self.cpu.decode(self.nbytes, self._dt(self.cpu)))
+        return self.cpu.pool(self.stored) + (0.0 if self.view else self.cpu.decode(self.nbytes, self._dt(self.cpu), self.decoder))
 
     def copy_s(self) -> float:
         """One expert's weights copied to the gpu."""

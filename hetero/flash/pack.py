@@ -8,6 +8,9 @@ A pack is a directory holding `weights.bin` and `manifest.json`:
   dtype, so an extent read into a buffer *is* the tensors (views, no copy);
 - int8 / int4 packs store 2-D weights quantized (flash/quant.py) with their scales, and keep 1-D
   tensors (norms, biases) in the checkpoint's dtype;
+- bf16z packs store the weight matrices of the layers (and experts) as bfloat16 compressed without
+  loss (flash/lossless.py: 12 bits a weight, decoded bit for bit) and everything else as bfloat16;
+  embed and lm_head stay plain, as they are read by rows;
 - the manifest gives every tensor's offset, shape, dtype and quantization parameters, and a crc32
   of every CHECK_BLOCK of every extent, checked on the first read.
 
@@ -25,11 +28,12 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint.catalogue import DTYPES
 from ..errors import HeteroError
-from . import quant
+from . import lossless, quant
 from .reader import aligned_empty, open_file
 
 VERSION = 1
@@ -51,20 +55,21 @@ def round_up(n: int, a: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class PackFormat:
-    """What a pack stores: a float dtype, or int8/int4 with a quantization group size."""
+    """What a pack stores: a float dtype, bf16z (bfloat16, losslessly compressed), or int8/int4 with a
+    quantization group size."""
 
     dtype: str
     group_size: int = DEFAULT_GROUP_SIZE
 
     @classmethod
     def parse(cls, dtype, group_size: int | None = None) -> "PackFormat":
-        """From a dtype name (bf16, fp16, float32, int8, int4; "int8-g32" names a group size) or a torch dtype."""
+        """From a dtype name (bf16, bf16z, fp16, float32, int8, int4; "int8-g32" names a group size) or a torch dtype."""
         if isinstance(dtype, str) and "-g" in dtype:
             dtype, gs = dtype.split("-g", 1)
             group_size = group_size or (int(gs) if gs.isdigit() else -1)
         name = TORCH_NAMES.get(dtype) if isinstance(dtype, torch.dtype) else ALIASES.get(dtype, dtype)
-        if name not in FLOATS and name not in ("int8", "int4"):
-            raise HeteroError(f"pack dtype {dtype!r}: choose one of bf16, fp16, float32, int8, int4")
+        if name not in FLOATS and name not in ("int8", "int4", "bf16z"):
+            raise HeteroError(f"pack dtype {dtype!r}: choose one of bf16, bf16z, fp16, float32, int8, int4")
         gs = group_size or DEFAULT_GROUP_SIZE
         if gs <= 0 or gs % 2:
             raise HeteroError(f"--group-size {gs}: must be a positive even number")
@@ -75,6 +80,16 @@ class PackFormat:
         return {"int8": 8, "int4": 4}.get(self.dtype)
 
     @property
+    def codec(self) -> str | None:
+        """The lossless codec of a compressed float pack (bf16z), else None."""
+        return lossless.CODEC if self.dtype == "bf16z" else None
+
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype a float pack stores its unquantized float tensors in (None: the checkpoint's own)."""
+        return torch.bfloat16 if self.codec else FLOATS.get(self.dtype)
+
+    @property
     def tag(self) -> str:
         return f"{self.dtype}-g{self.group_size}" if self.bits else self.dtype
 
@@ -83,14 +98,23 @@ def _quantizable(shape, fmt: PackFormat) -> bool:
     return fmt.bits is not None and len(shape) == 2 and shape[1] % fmt.group_size == 0
 
 
-def layout(tensors: dict, groups, fmt: PackFormat) -> dict:
-    """The manifest's extents (offsets, shapes, dtypes, quantization) for `tensors` in `fmt`; a pure function.
+def compressible(name: str, shape, stored: torch.dtype, kind: str, fmt: PackFormat) -> bool:
+    """A tensor that a compressed pack stores through its codec: a layer's (or expert's) weight matrix.
+    embed and lm_head stay plain: they are read by rows (Pack.read_rows), not as whole extents."""
+    return fmt.codec is not None and kind not in ("embed", "lm_head") and lossless.eligible(shape, stored.is_floating_point)
+
+
+def layout(tensors: dict, groups, fmt: PackFormat, codecs: dict | None = None) -> dict:
+    """The manifest's extents (offsets, shapes, dtypes, quantization, codecs) for `tensors` in `fmt`; a pure function.
 
     Args:
         tensors: name -> (shape, stored torch dtype), as api.checkpoint_tensors gives.
         groups: the model's groups in execution order.
+        codecs: a compressed pack's per-tensor statistics, name -> (exponent base, escapes), as
+            codec_stats gives: exact sizes. Without them (planning before the weights are read) the
+            escapes are estimated (lossless.ESCAPE_GUESS) and the sizes are close, not exact.
     Returns:
-        {group name: {"offset", "nbytes" (padded), "tensors": {name: entry}}}.
+        {group name: {"offset", "nbytes" (padded), "data_bytes", "tensors": {name: entry}}}.
     """
     out, offset = {}, 0
     for g in groups:
@@ -98,21 +122,26 @@ def layout(tensors: dict, groups, fmt: PackFormat) -> dict:
         for name in g.tensors:
             shape, stored = tensors[name]
             n = prod(shape)
+            if fmt.bits or fmt.codec:  # pieces that kernels view in other dtypes start aligned
+                pos = round_up(pos, PIECE_ALIGN)
             if _quantizable(shape, fmt):
                 # int4 packs keep the embedding and lm_head at int8, as llama.cpp's Q4 mixes keep
                 # them wider: at 4 bits they alone cost small models most of their accuracy
                 bits = 8 if g.kind in ("embed", "lm_head") else fmt.bits
-                pos = round_up(pos, PIECE_ALIGN)
                 qbytes = n * bits // 8
                 sbytes = shape[0] * (shape[1] // fmt.group_size) * 2  # float16 scales
                 e = {"shape": list(shape), "dtype": f"int{bits}", "offset": pos, "nbytes": qbytes,
                      "group_size": fmt.group_size, "scale_dtype": "F16",
                      "scale_offset": round_up(pos + qbytes, PIECE_ALIGN), "scale_nbytes": sbytes}
                 pos = e["scale_offset"] + sbytes
+            elif compressible(name, shape, stored, g.kind, fmt) and _worth(codecs, name, n):
+                base, escapes = codecs[name] if codecs else (None, lossless.guess_escapes(n))
+                e = {"shape": list(shape), "dtype": "bfloat16", "codec": fmt.codec, "exp_base": base,
+                     "offset": pos, "nbytes": n, "code_offset": round_up(pos + n, PIECE_ALIGN), "code_nbytes": n // 2}
+                e.update(esc_offset=round_up(e["code_offset"] + n // 2, PIECE_ALIGN), escapes=escapes)
+                pos = e["esc_offset"] + 5 * escapes  # uint32 positions, then uint8 exponents
             else:
-                dt = FLOATS[fmt.dtype] if not fmt.bits and stored.is_floating_point else stored
-                if fmt.bits:
-                    pos = round_up(pos, PIECE_ALIGN)
+                dt = fmt.float_dtype if not fmt.bits and fmt.float_dtype and stored.is_floating_point else stored
                 e = {"shape": list(shape), "dtype": NAMES[dt], "offset": pos, "nbytes": n * dt.itemsize}
                 pos += e["nbytes"]
             entries[name] = e
@@ -121,13 +150,28 @@ def layout(tensors: dict, groups, fmt: PackFormat) -> dict:
     return out
 
 
+def _worth(codecs: dict | None, name: str, n: int) -> bool:
+    return codecs is None or (name in codecs and lossless.worth_it(n, codecs[name][1]))
+
+
 def staging_extents(extents: dict, dtype: torch.dtype) -> dict:
-    """group -> (extent bytes, data bytes, tensors are views in `dtype`), what plan.staging_bytes needs."""
-    return {g: (x["nbytes"], x["data_bytes"], _is_view(x, dtype)) for g, x in extents.items()}
+    """group -> (extent bytes, data bytes, tensors are views in `dtype`, decoder), what plan.staging_bytes
+    and the cost model need; the decoder is what turns a non-view extent into tensors: "int8" / "int4"
+    (dequantization), a lossless codec ("exp4"), or None (views, or a dtype conversion)."""
+    return {g: (x["nbytes"], x["data_bytes"], _is_view(x, dtype), _decoder(x)) for g, x in extents.items()}
 
 
 def _is_view(x: dict, dtype: torch.dtype) -> bool:
-    return all(e["dtype"] == NAMES[dtype] and "scale_offset" not in e for e in x["tensors"].values())
+    return all(e["dtype"] == NAMES[dtype] and "scale_offset" not in e and "codec" not in e for e in x["tensors"].values())
+
+
+def _decoder(x: dict) -> str | None:
+    for e in x["tensors"].values():
+        if "codec" in e:
+            return e["codec"]
+        if "scale_offset" in e:
+            return e["dtype"]
+    return None
 
 
 def fingerprint(cat) -> str:
@@ -159,27 +203,64 @@ def _scale_store(s: torch.Tensor) -> torch.Tensor:
     return s.clamp(max=65504.0).to(torch.float16)
 
 
-def _write_tensor(f, cat, name: str, e: dict, base: int, fmt: PackFormat, chunk: int, reserve):
-    shape = tuple(e["shape"])
+def _row_chunks(cat, name: str, shape, chunk: int, reserve):
+    """(first row, rows [start, stop) as read) of a tensor in pieces of about chunk / 3 source bytes,
+    each reserved (source rows + a float32 working copy + output) while the caller holds it."""
     rows = shape[0] if len(shape) > 1 else 1
     row_src = cat[name].nbytes // rows
-    step = max(1, chunk // (3 * max(1, row_src)))  # source rows + float32 working copy + output
+    step = max(1, chunk // (3 * max(1, row_src)))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         held = 3 * (stop - start) * row_src
         reserve(held)
         try:
-            part = cat.read_rows(name, start, stop) if len(shape) > 1 else cat.read(name)
-            if "scale_offset" in e:
-                q, s = quant.quantize(part, _bits(e), fmt.group_size)
-                qrow, srow = e["nbytes"] // rows, e["scale_nbytes"] // rows
-                os.pwrite(f, q.contiguous().view(torch.uint8).numpy().tobytes(), base + e["offset"] + start * qrow)
-                os.pwrite(f, _scale_store(s).view(torch.uint8).numpy().tobytes(), base + e["scale_offset"] + start * srow)
-            else:
-                data = part.to(DTYPES[e["dtype"]]).contiguous().view(torch.uint8).numpy().tobytes()
-                os.pwrite(f, data, base + e["offset"] + start * (e["nbytes"] // rows))
+            yield start, (cat.read_rows(name, start, stop) if len(shape) > 1 else cat.read(name))
         finally:
             reserve(-held)
+
+
+def _write_tensor(f, cat, name: str, e: dict, base: int, fmt: PackFormat, chunk: int, reserve):
+    shape = tuple(e["shape"])
+    rows = shape[0] if len(shape) > 1 else 1
+    found = []  # a compressed tensor's escapes, written after its last chunk
+    for start, part in _row_chunks(cat, name, shape, chunk, reserve):
+        if "codec" in e:
+            cols = shape[1]
+            lo, codes, pos, exps = lossless.encode(part, e["exp_base"], start * cols)
+            os.pwrite(f, lo.tobytes(), base + e["offset"] + start * cols)
+            os.pwrite(f, codes.tobytes(), base + e["code_offset"] + start * cols // 2)
+            found.append((pos, exps))
+        elif "scale_offset" in e:
+            q, s = quant.quantize(part, _bits(e), fmt.group_size)
+            qrow, srow = e["nbytes"] // rows, e["scale_nbytes"] // rows
+            os.pwrite(f, q.contiguous().view(torch.uint8).numpy().tobytes(), base + e["offset"] + start * qrow)
+            os.pwrite(f, _scale_store(s).view(torch.uint8).numpy().tobytes(), base + e["scale_offset"] + start * srow)
+        else:
+            data = part.to(DTYPES[e["dtype"]]).contiguous().view(torch.uint8).numpy().tobytes()
+            os.pwrite(f, data, base + e["offset"] + start * (e["nbytes"] // rows))
+    if "codec" in e:
+        pos = np.concatenate([p for p, _ in found])
+        if len(pos) != e["escapes"]:  # the statistics pass and this one read different weights
+            raise HeteroError(f"{cat.model_dir}: tensor {name!r} changed while it was being packed; pack again")
+        os.pwrite(f, pos.astype("<u4").tobytes() + np.concatenate([x for _, x in found]).tobytes(), base + e["esc_offset"])
+
+
+def codec_stats(cat, tensors: dict, groups, fmt: PackFormat, chunk: int = PACK_CHUNK, reserve=None, progress=None) -> dict:
+    """A compressed pack's per-tensor statistics, name -> (exponent base, escapes): one pass over the
+    weights that layout() needs for exact sizes. progress: callback(source bytes done)."""
+    reserve = reserve or (lambda n: None)
+    out, done = {}, 0
+    for g in groups:
+        for name in g.tensors:
+            shape, stored = tensors[name]
+            if not compressible(name, shape, stored, g.kind, fmt):
+                continue
+            hist = sum(lossless.exponent_histogram(part) for _, part in _row_chunks(cat, name, shape, chunk, reserve))
+            out[name] = lossless.choose(hist)
+            done += cat[name].nbytes
+            if progress:
+                progress(done)
+    return out
 
 
 def _block_crcs(fd: int, offset: int, nbytes: int, chunk: int) -> list[int]:
@@ -208,8 +289,14 @@ def write_pack(cat, tensors: dict, groups, dest: Path, fmt: PackFormat, progress
     """
     dest = Path(dest)
     reserve = reserve or (lambda n: None)
-    extents = layout(tensors, groups, fmt)
+    codecs, first = None, 0
+    if fmt.codec:  # a first pass for the codec's statistics; the bar counts the bytes of both passes
+        first = sum(cat[n].nbytes for g in groups for n in g.tensors if compressible(n, *tensors[n], g.kind, fmt))
+        guess = first + sum(x["nbytes"] for x in layout(tensors, groups, fmt).values())
+        codecs = codec_stats(cat, tensors, groups, fmt, PACK_CHUNK, reserve, progress and (lambda d: progress(d, guess)))
+    extents = layout(tensors, groups, fmt, codecs)
     total = sum(x["nbytes"] for x in extents.values())
+    report = progress and (lambda done: progress(first + min(done, total), first + total))
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by an interrupted pack
         shutil.rmtree(stale, ignore_errors=True)
@@ -224,9 +311,9 @@ def write_pack(cat, tensors: dict, groups, dest: Path, fmt: PackFormat, progress
                 x = extents[g.name]
                 for name, e in x["tensors"].items():
                     _write_tensor(fd, cat, name, e, x["offset"], fmt, PACK_CHUNK, reserve)
-                    done += e["nbytes"] + e.get("scale_nbytes", 0)
-                    if progress:
-                        progress(min(done, total), total)
+                    done += e["nbytes"] + e.get("scale_nbytes", 0) + e.get("code_nbytes", 0)
+                    if report:
+                        report(done)
                 x["crc32"] = _block_crcs(fd, x["offset"], x["nbytes"], 2**20)
                 done = x["offset"] + x["nbytes"]
             os.fsync(fd)
@@ -241,8 +328,8 @@ def write_pack(cat, tensors: dict, groups, dest: Path, fmt: PackFormat, progress
             os.rename(dest, old)
         os.rename(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
-        if progress:
-            progress(total, total)
+        if report:
+            report(total)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -316,7 +403,13 @@ class Pack:
         res = {}
         for name, e in self.extents[group]["tensors"].items():
             raw = buf[e["offset"]:e["offset"] + e["nbytes"]]
-            if "scale_offset" in e:
+            if "codec" in e:
+                codes = buf[e["code_offset"]:e["code_offset"] + e["code_nbytes"]]
+                m, at = e["escapes"], e["esc_offset"]
+                pos, exps = buf[at:at + 4 * m].view(torch.int32), buf[at + 4 * m:at + 5 * m]
+                t = lossless.decode(raw, codes, e["exp_base"], pos, exps, e["shape"], dtype,
+                                    out=None if out is None else out[name])
+            elif "scale_offset" in e:
                 s = buf[e["scale_offset"]:e["scale_offset"] + e["scale_nbytes"]].view(torch.float16)
                 rows = e["shape"][0]
                 q = raw.view(torch.int8 if e["dtype"] == "int8" else torch.uint8).reshape(rows, -1)
@@ -379,6 +472,8 @@ class Pack:
         self.verify(group)
         x = self.extents[group]
         e = x["tensors"][name]
+        if "codec" in e:  # layout() never compresses what is read by rows (embed, lm_head)
+            raise self.corrupt(group, f"stores {name!r} compressed, which is read by rows")
         rows = e["shape"][0]
         t = self._pread(x["offset"] + e["offset"] + start * (e["nbytes"] // rows), (stop - start) * (e["nbytes"] // rows))
         if "scale_offset" not in e:

@@ -99,6 +99,7 @@ class Speeds:
                     for dt, rows in c["matvec"].items()}
         self._call = c.get("matvec_call_s") or {}  # (a profile without it: the table's rates alone)
         self._decode = c.get("dequant_bps") or {}  # (a profile without it: decoding costs a clone)
+        self._lossless = c.get("lossless_bps") or {}  # {codec: {dtype: bytes/s}}
         self._table_bytes = float(c.get("matvec_bytes", 4 * 2**20))  # the matrix size the table was measured at
         d = profile.disk_read
         # a profile from before the pool probe: its O_DIRECT (else buffered) figures stand in
@@ -136,9 +137,11 @@ class Speeds:
     def clone(self, n: int) -> float:
         return self._t(self._clone, n) if n else 0.0
 
-    def decode(self, n: int, dtype: str) -> float:
-        """Seconds of decoding a non-view pack extent into n bytes of `dtype` buffers (dequantizing, converting)."""
-        bps = self._decode.get(dtype)
+    def decode(self, n: int, dtype: str, decoder: str | None = None) -> float:
+        """Seconds of decoding a non-view pack extent into n bytes of `dtype` buffers: decompressing with a
+        lossless codec (decoder "exp4") at its probed rate, else dequantizing ("int8" / "int4") or
+        converting (None) at the int8 probe's."""
+        bps = (self._lossless.get(decoder) or self._decode).get(dtype)
         return n / bps if bps else self.clone(n)
 
     def h2d(self, n: int) -> float:
@@ -190,10 +193,10 @@ def expert_probs(desc: ModelDesc, workload: Workload) -> dict:
 
 
 def _extent(workload: Workload, g) -> tuple:
-    """(extent bytes, data bytes, is a view) of a group in the pack (default: the compute dtype)."""
+    """(extent bytes, data bytes, is a view, decoder) of a group in the pack (default: the compute dtype)."""
     if workload.extents and g.name in workload.extents:
         return tuple(workload.extents[g.name])
-    return -(-max(g.nbytes, 1) // EXTENT_ALIGN) * EXTENT_ALIGN, g.nbytes, True
+    return -(-max(g.nbytes, 1) // EXTENT_ALIGN) * EXTENT_ALIGN, g.nbytes, True, None
 
 
 def _fetch(sp: Speeds, desc, g, tier: str, compute: str, ext: tuple) -> np.ndarray:
@@ -203,12 +206,12 @@ def _fetch(sp: Speeds, desc, g, tier: str, compute: str, ext: tuple) -> np.ndarr
         return out
     out[COMP] = len(desc.reads[g.name]) * FETCH_OPS * sp.op_s
     if tier == "disk":
-        extent, data, view = ext
+        extent, data, view, decoder = ext
         out[PRE] = sp.pool(extent)
         if compute == "gpu":
             out[COPY] = sp.h2d(data)  # the raw bytes go to the device, decoded there
-        elif not view:
-            out[COMP] += sp.decode(g.nbytes, _dt(desc, sp))  # decoded into compute-dtype buffers on the compute thread
+        elif not view:  # decoded into compute-dtype buffers on the compute thread
+            out[COMP] += sp.decode(g.nbytes, _dt(desc, sp), decoder)
     else:  # a cpu-tier group, computing on the gpu: one copy per tensor
         ratio = g.nbytes / max(1, sum(desc.reads[g.name]))
         out[COPY] = sum(sp.h2d(int(r * ratio)) for r in desc.reads[g.name])
@@ -227,7 +230,7 @@ def _head(sp: Speeds, desc: ModelDesc, g, tier: str, compute: str, ext: tuple) -
     out[COMP] = sp.mv(V * C * item, C, _dt(desc, sp))
     if tier == compute:
         return out
-    _, data, view = ext
+    _, data, view, decoder = ext
     stored = data / max(1, g.nbytes) * item  # stored bytes per element
     per_slice = max(1, LM_HEAD_CHUNK_BYTES // (C * item))
     n_slices = ceil(V / per_slice)
@@ -235,7 +238,7 @@ def _head(sp: Speeds, desc: ModelDesc, g, tier: str, compute: str, ext: tuple) -
         n = min(per_slice, V - s * per_slice) * C
         if tier == "disk":
             out[SYNC] += sp.direct(-(-int(n * stored) // EXTENT_ALIGN) * EXTENT_ALIGN + EXTENT_ALIGN)
-            out[COMP] += 0.0 if view else sp.decode(n * item, _dt(desc, sp))
+            out[COMP] += 0.0 if view else sp.decode(n * item, _dt(desc, sp), decoder)
         if compute == "gpu":
             out[COPY] += sp.h2d(n * item)
     out[COMP] += n_slices * FETCH_OPS * sp.op_s

@@ -24,7 +24,7 @@ from ..errors import HeteroError
 from ..sizes import format_size
 from . import probes
 
-VERSION = 10  # bump when what is measured, or how, changes: older caches are then re-measured
+VERSION = 11  # bump when what is measured, or how, changes: older caches are then re-measured
 _FILE = "profile.json"
 
 
@@ -44,7 +44,7 @@ class Profile:
         compute: device ("cpu", "cuda") -> {"matvec": {dtype: [[input width, bytes/s], ...]},
             "matvec_bytes": the size of the matrices it was measured on, "matvec_call_s": {dtype: fixed seconds per matvec call}, "matmul_flops": {dtype: flop/s},
             "op_s": seconds per extra op, "dequant_bps": {dtype: bytes/s of int8 weights decoded into preallocated
-            buffers of that dtype}, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "cached_moe", "step"}}}.
+            buffers of that dtype}, "lossless_bps": {codec: {dtype: bytes/s of bf16z weights decoded so}}, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "cached_moe", "step"}}}.
     """
 
     fingerprint: dict = field(hash=False)
@@ -190,9 +190,10 @@ def _compute(device: str, quick: bool) -> dict:
         call = {name: probes.matvec_call(device, dt, quick) for name, dt in probes.DTYPES.items()}
         mm = {name: probes.matmul(device, dt, quick) for name, dt in probes.DTYPES.items()}
         deq = probes.dequantize(device, quick)
+        lossless = probes.decompress(device, quick)
         op = probes.op_overhead(device)
     return {"matvec": mv, "matvec_bytes": probes.MATVEC_BYTES, "matvec_call_s": call, "matmul_flops": mm, "op_s": op,
-            "dequant_bps": deq, "overheads": overheads.measure(device, quick)}
+            "dequant_bps": deq, "lossless_bps": lossless, "overheads": overheads.measure(device, quick)}
 
 
 def get_profile(disk_dir=None, refresh: bool = False, quick: bool = False, log=None) -> Profile:
@@ -254,6 +255,9 @@ def profile_rows(p: Profile) -> list[tuple[str, str]]:
         if c.get("dequant_bps"):
             rows.append((f"{dev} int8 weights decoded into (GB/s of output)",
                          ", ".join(f"{k} {v / 1e9:.2f}" for k, v in c["dequant_bps"].items())))
+        for codec, rates in (c.get("lossless_bps") or {}).items():
+            rows.append((f"{dev} bf16z ({codec}) weights decoded into (GB/s of output)",
+                         ", ".join(f"{k} {v / 1e9:.2f}" for k, v in rates.items())))
         rows.append((f"{dev} per-op overhead", f"{c['op_s'] * 1e6:.1f} us"))
         for mt, o in c["overheads"].items():
             rows.append((f"{dev} {mt} overhead (us)", ", ".join(f"{k} {v * 1e6:.0f}" for k, v in o.items())))

@@ -121,7 +121,7 @@ def _staging(groups: list[Group], tiers: dict, compute: str, depth: int, extents
     def ext(g):
         if extents is not None and g.name in extents:
             return extents[g.name]
-        return _round_up(max(g.nbytes, 1)), g.nbytes, True
+        return _round_up(max(g.nbytes, 1)), g.nbytes, True, None
 
     n_layers = 1 + max([g.layer for g in groups if g.layer is not None], default=-1)
     H = [0] * n_layers  # host bytes read per layer (disk-tier attn + mlp)
@@ -141,7 +141,7 @@ def _staging(groups: list[Group], tiers: dict, compute: str, depth: int, extents
             load = max(load, g.convert_extra)  # converting a resident tensor at load holds its raw copy
         if t == compute or g.kind == "norms":
             continue
-        e, r, view = ext(g) if t == "disk" else (0, g.nbytes, True)
+        e, r, view, _ = ext(g) if t == "disk" else (0, g.nbytes, True, None)
         if g.kind in ("lm_head", "embed"):
             chunk = min(g.nbytes, LM_HEAD_CHUNK_BYTES)  # one slice in the compute dtype
             raw = -(-chunk * r // max(g.nbytes, 1)) + HEAD_READ_SLACK if t == "disk" else 0  # the slice as stored
@@ -202,7 +202,7 @@ def expert_slot_bytes(groups: list[Group], extents: dict | None = None) -> dict[
         x = extents.get(g.name) if g.kind == "expert" else None
         if x is None:
             continue
-        e, r, view = x
+        e, r, view, _ = x
         n = g.nbytes if not view or g.nbytes >= r else r
         c = e if view else e + g.nbytes
         if n > gpu:

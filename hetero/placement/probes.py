@@ -383,6 +383,26 @@ def dequantize(device: str, quick: bool) -> dict:
     return out
 
 
+def decompress(device: str, quick: bool) -> dict:
+    """{codec: {dtype name: bytes/s of output}} of decoding losslessly compressed bfloat16 weights
+    (flash/lossless.py) into preallocated buffers, as the pipeline decodes a bf16z pack's extent;
+    for the dtypes the codec writes exactly (bfloat16, and float32 of the same values)."""
+    from ..flash import lossless
+
+    R, C = (1024 if quick else 4096), 4096  # 32 MiB of bf16 output, as dequantize() measures
+    w = (torch.randn(R, C, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    base, _ = lossless.choose(lossless.exponent_histogram(w[:64]))  # a sample: any base decodes at one speed
+    pieces = [torch.from_numpy(a).to(device) for a in lossless.encode(w, base)]
+    lo, codes, pos, exps = pieces[0], pieces[1], pieces[2].view(torch.int32), pieces[3]
+    out = {}
+    for name in ("bfloat16", "float32"):
+        buf = torch.empty(R, C, dtype=DTYPES[name], device=device)
+        run = lambda: lossless.decode(lo, codes, base, pos, exps, (R, C), buf.dtype, out=buf)  # noqa: E731
+        run()  # compiles (or loads) the kernel
+        out[name] = R * C * buf.element_size() / _timed_loop(run, device, 0.05 if quick else 0.15)
+    return {lossless.CODEC: out}
+
+
 def op_overhead(device: str) -> float:
     """Seconds of one tiny linear: the dispatch cost every extra op (a slice, a copy call) adds."""
     w = torch.full((64, 64), 0.01, device=device)

@@ -5,12 +5,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..experts.replay import replay_window
-from ..flash.pack import PackFormat, layout, staging_extents
+from ..flash.pack import PackFormat
 from ..sizes import format_size
 from .cost import Speeds, Workload, predict, tables
 from .describe import ModelDesc
 from .greedy import MIN_CONTEXT, greedy_plan, minimum_bytes
 from .groups import kv_bytes_per_token
+from .packing import lossless_formats, pick_format
 from .plan import TIERS, Plan, tier_usage
 from .planner import plan_model
 
@@ -151,9 +152,10 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     frequencies and the expert caches replayed on it, as loading does with a trace beside the model.
     Default: the trace `hetero trace` left beside the model, if there is one (a note says so).
     (Nothing ties it to these weights here — none are read — so only its shape is checked.)
-    pack: the dtype of the pack disk-tier weights are read from, as `hetero run --pack` (bf16, int8,
-    int4, int8-g32, ...; default the compute dtype): the plan and prediction use its layout (the bytes
-    read, and the dequantization of quantized ones).
+    pack: the dtype of the pack disk-tier weights are read from, as `hetero run --pack` (bf16, bf16z,
+    int8, int4, int8-g32, ...): the plan and prediction use its layout (the bytes read, and the decoding
+    of quantized or compressed ones). Default, as loading: the lossless format predicted fastest
+    (placement/packing.py; the compute dtype, or bf16z for a bfloat16 checkpoint).
     """
     import psutil
 
@@ -187,10 +189,7 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     max_ctx = desc.args.max_position_embeddings
     if context is not None and not 0 < context <= max_ctx:
         raise HeteroError(f"--context {context}: this model supports 1 to {max_ctx} tokens")
-    fmt = PackFormat.parse(pack or desc.dtype)
-    extents = staging_extents(layout(desc.tensors, desc.groups, fmt), desc.dtype)  # the pack, as loading would write it
-    workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu=None if kind != "fake-gpu" else "fake-gpu",
-                        extents=extents)
+    workload = Workload(prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu=None if kind != "fake-gpu" else "fake-gpu")
     trace = None
     if trace_file is not None:
         trace = _matching_trace(trace_file, desc)
@@ -206,8 +205,15 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     if trace is not None:
         workload = replace(workload, expert_freq=trace.frequencies(), routing_trace=replay_window(trace))
     budgets = {"gpu": vram_b if compute == "gpu" else None, "cpu": ram_b}
-    plan, prediction = make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None,
-                                 profile, workload, planner, routing_known=trace is not None, extents=extents)
+
+    def plan_for(extents):  # the pack as loading would write it: its layout sets the bytes read
+        return make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None, profile,
+                         replace(workload, extents=extents), planner, routing_known=trace is not None, extents=extents)
+    # as loading does: the named pack, else the lossless format the cost model predicts faster
+    formats = [PackFormat.parse(pack)] if pack else lossless_formats(desc)
+    fmt, extents, plan, prediction = pick_format(desc, formats if planner == "cost" else formats[:1], profile,
+                                                 workload, plan_for)
+    workload = replace(workload, extents=extents)
     if context is None and plan.kv_tokens < min(4096, max_ctx):
         notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
     label = Speeds(profile, compute, workload).label

@@ -1,0 +1,48 @@
+"""Which pack the disk tier reads, when the user names none: the lossless format predicted fastest.
+
+A bfloat16 checkpoint can be read from disk as plain bfloat16 (a read buffer that *is* the weights)
+or as bf16z (flash/lossless.py: a quarter fewer bytes, decoded on the compute device). Which is
+faster depends on the machine: a slow disk under a fast decoder favours bf16z, a fast disk under a
+busy compute thread plain bytes. The planner places the model for each and the cost model decides.
+"""
+
+from dataclasses import replace
+
+import torch
+
+from ..flash.pack import PackFormat, layout, staging_extents
+from .cost import predict
+from .describe import ModelDesc
+
+MARGIN = 0.03  # bf16z is chosen when predicted this much faster: writing a second pack must pay
+
+
+def lossless_formats(desc: ModelDesc) -> list[PackFormat]:
+    """The pack formats that hold exactly the checkpoint's values for this compute dtype, plain first."""
+    plain = PackFormat.parse(desc.dtype)
+    weights = [dt for shape, dt in desc.tensors.values() if len(shape) == 2]
+    if weights and all(dt == torch.bfloat16 for dt in weights) and desc.dtype in (torch.bfloat16, torch.float32):
+        return [plain, PackFormat.parse("bf16z")]
+    return [plain]
+
+
+def pick_format(desc: ModelDesc, formats: list[PackFormat], profile, workload, plan_for):
+    """(format, staging extents, plan, prediction) of the fastest format to read disk-tier weights from.
+
+    Args:
+        formats: candidates, the default first (lossless_formats); one alone is simply planned.
+        workload: the cost model's Workload (its extents are replaced by each format's).
+        plan_for: extents -> (a Plan made with those extents by the caller's planner and budgets, its
+            prediction or None to have it predicted here).
+    A plan that puts nothing on disk reads no pack: the first format stands then.
+    """
+    best = None
+    for fmt in formats:
+        extents = staging_extents(layout(desc.tensors, desc.groups, fmt), desc.dtype)
+        plan, prediction = plan_for(extents)
+        prediction = prediction or predict(desc, plan, profile, replace(workload, extents=extents))
+        if best is None or prediction.decode_s_per_token < (1 - MARGIN) * best[3].decode_s_per_token:
+            best = (fmt, extents, plan, prediction)
+        if "disk" not in plan.tiers.values():
+            break
+    return best
