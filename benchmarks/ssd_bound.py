@@ -7,6 +7,7 @@ limited to --limit-share of the model's size — the page cache charged to it to
 cache dropped before each, the contenders taking --rounds turns (the median run of each is reported):
 
     hetero bf16     load_offloaded(ram=limit - interpreter overhead), the bf16 pack, prefetch pipeline
+    hetero bf16z    the same reading a bf16z pack (the same weights, losslessly in 12 bits: 3/4 of the bytes)
     hetero int8     the same reading an int8 pack (half the bytes per token)
     llama.cpp       llama-cpp-python on the GGUF, default mmap loading (needs --llama-python)
     accelerate      transformers + accelerate, device_map="auto", max_memory, offload_folder
@@ -154,7 +155,8 @@ def worker_hetero(a) -> dict:
             "read_gbps": s["decode_disk_read_gbps"], "io_stall_s_per_token": s["decode_io_stall_s_per_token"],
             "io_hidden_fraction": s["decode_io_hidden_fraction"], "resident_bytes": s["resident_bytes"],
             "peak_bytes": s["memory"]["cpu"]["peak_bytes"], "depth": s["io"]["prefetch_depth"],
-            "reader": s["io"]["reader"], "direct_io": s["io"]["direct_io"]}
+            "reader": s["io"]["reader"], "direct_io": s["io"]["direct_io"], "pack": s["io"]["pack_dtype"],
+            "predicted_s_per_token": s["predicted_decode_s_per_token"]}
 
 
 def worker_llama(a) -> dict:
@@ -191,7 +193,7 @@ def main():
     ap.add_argument("--overhead", default=400 * 2**20, type=int,
                     help="bytes of the limit left to the interpreter, torch and activations (hetero --ram = limit - this)")
     ap.add_argument("--llama-python", default="/work/bench-venv/bin/python", help="a python with llama-cpp-python")
-    ap.add_argument("--only", help="comma-separated contenders to run (hetero-bf16,hetero-int8,llama.cpp,accelerate)")
+    ap.add_argument("--only", help="comma-separated contenders to run (hetero-bf16,hetero-bf16z,hetero-int8,llama.cpp,accelerate)")
     ap.add_argument("--json", dest="json_path", default="benchmarks/results/ssd_bound.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -213,17 +215,19 @@ def main():
     from hetero.api import pack_model
     from hetero.flash.pack import PackFormat, pack_path
 
-    for dt in ("bf16", "int8"):
+    for dt in ("bf16", "bf16z", "int8"):
         if not (pack_path(model, PackFormat.parse(dt)) / "manifest.json").is_file():
             pack_model(model, dtype=dt, log_fn=lambda *_: None)
     import torch
 
     from hetero.flash import quant
+    from hetero.placement import probes
 
-    for bits in (8, 4):  # compile (and cache on disk) the dequantization kernels outside the memory limit
+    for bits in (8, 4):  # compile (and cache on disk) the decoding kernels outside the memory limit
         q, sc = quant.quantize(torch.randn(4, 128), bits, 64)
         for dt in (torch.bfloat16, torch.float32):
             quant.dequantize(q, sc, bits, 64, dt)
+    probes.decompress("cpu", quick=True)
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     limit = int(a.limit_share * size)
     bw, bw_source = disk_bandwidth(work, pack_path(model, PackFormat.parse("bf16")) / "weights.bin")
@@ -232,6 +236,7 @@ def main():
     common = ["--model", str(model), "--tokens", str(a.tokens), "--workdir", str(work)]
     contenders = {
         "hetero-bf16": (["--worker", "hetero", "--pack", "bf16", "--ram", str(limit - a.overhead)], sys.executable, 900),
+        "hetero-bf16z": (["--worker", "hetero", "--pack", "bf16z", "--ram", str(limit - a.overhead)], sys.executable, 900),
         "hetero-int8": (["--worker", "hetero", "--pack", "int8", "--ram", str(limit - a.overhead)], sys.executable, 900),
         "llama.cpp": (["--worker", "llama", "--gguf", str(gguf_path)], a.llama_python, 1800),
         "accelerate": (["--worker", "accelerate", "--ram", str(limit - a.overhead)], sys.executable, 1800),
@@ -281,12 +286,15 @@ def report(results: dict, size: int, limit: int, bw: float, bw_source: str, a, r
                  "hidden"], rows)
     ok = {k: r for k, r in results.items() if "tokens_per_s" in r}
     ratios = {}
-    for h in ("hetero-bf16", "hetero-int8"):
+    for h in ("hetero-bf16", "hetero-bf16z", "hetero-int8"):
         for other in ("llama.cpp", "accelerate"):
             if h in ok and other in ok:
                 ratios[f"{h} / {other}"] = ok[h]["tokens_per_s"] / ok[other]["tokens_per_s"]
-    if "hetero-bf16" in ok and "hetero-int8" in ok:
-        ratios["int8 / bf16 bytes read per token"] = ok["hetero-int8"]["disk_bytes_per_token"] / ok["hetero-bf16"]["disk_bytes_per_token"]
+    for h in ("hetero-bf16z", "hetero-int8"):
+        if "hetero-bf16" in ok and h in ok:
+            ratios[f"{h[7:]} / bf16 bytes read per token"] = ok[h]["disk_bytes_per_token"] / ok["hetero-bf16"]["disk_bytes_per_token"]
+    if "hetero-bf16" in ok and "hetero-bf16z" in ok:
+        ratios["hetero-bf16z / hetero-bf16"] = ok["hetero-bf16z"]["tokens_per_s"] / ok["hetero-bf16"]["tokens_per_s"]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     for name, r in results.items():
