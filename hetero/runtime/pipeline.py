@@ -19,6 +19,7 @@ placement.plan.staging_bytes counts (expert-cache slots: placement.plan.expert_s
 
 import time
 from bisect import bisect_left
+from math import prod
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ class Staged:
     groups: list[str]
     reads: list = field(default_factory=list)  # (reader, handle, group, block offset, length, crc or None)
     raw: dict = field(default_factory=dict)  # group -> host buffer (uint8), reserved on the cpu tier
+    decoded: list = field(default_factory=list)  # host buffers (pooled like `raw`) that decoded tensors are views of
     tensors: dict = field(default_factory=dict)  # tensor name -> tensor on the compute device
     held: list = field(default_factory=list)  # (tier, nbytes) reserved for `tensors`
     landed: bool = False
@@ -132,9 +134,10 @@ class Prefetcher:
         self._land(s)
         (g,) = s.groups
         data = s.raw[g][:self.pack.extents[g]["data_bytes"]]
-        out = self.pack.decode(g, data, self.dtype)
-        if not self.pack.is_view(g, self.dtype):
-            self._give(s, s.raw.pop(g))  # converted copies: the read buffer can go
+        if self.pack.is_view(g, self.dtype):
+            return self.pack.decode(g, data, self.dtype)
+        out = self.pack.decode(g, data, self.dtype, self._host_outputs(s, g))
+        self._give(s, s.raw.pop(g))  # converted copies: the read buffer can go
         return out
 
     def landed(self, s: Staged) -> bool:
@@ -149,9 +152,9 @@ class Prefetcher:
             except OSError:
                 pass
         s.reads.clear()
-        for buf in s.raw.values():
+        for buf in [*s.raw.values(), *s.decoded]:
             self._give(s, buf)
-        s.raw.clear()
+        s.raw.clear(), s.decoded.clear()
 
     def _give(self, s: Staged, buf):
         (self.buffers if s.reserved else self.expert_buffers).give(buf)
@@ -254,8 +257,7 @@ class Prefetcher:
             self.acc.release(tier, n, "staging")
             del dev
             return out
-        out = self._outputs(s, g, "cpu")
-        return self.pack.decode(g, data, self.dtype, out)
+        return self.pack.decode(g, data, self.dtype, self._host_outputs(s, g))
 
     def _outputs(self, s: Staged, g: str, tier: str) -> dict:
         out = {}
@@ -264,3 +266,18 @@ class Prefetcher:
             t = out[n] = torch.empty(e["shape"], dtype=self.dtype, device=dev)
             self._hold(s, tier, t.nbytes)
         return out
+
+    def _host_outputs(self, s: Staged, g: str) -> dict:
+        """Compute-dtype host tensors for group g's decoded weights: views of one buffer from the pool that
+        read buffers come from (the same sizes every token), not fresh tensors, whose churn would grow the
+        heap past what the accountant holds (see runtime/buffers.py)."""
+        entries = self.pack.extents[g]["tensors"]
+        item = self.dtype.itemsize
+        offsets, end = [], 0
+        for e in entries.values():
+            offsets.append(end)
+            end += prod(e["shape"]) * item  # exactly the group's compute-dtype bytes, as staging_bytes counts
+        buf = (self.buffers if s.reserved else self.expert_buffers).take(end)
+        s.decoded.append(buf)
+        return {n: buf[o:o + prod(e["shape"]) * item].view(self.dtype).view(e["shape"])
+                for (n, e), o in zip(entries.items(), offsets)}
