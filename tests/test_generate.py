@@ -91,3 +91,15 @@ def test_model_call_and_generate_check_their_input(tiny):
     with pytest.raises(HeteroError, match="padded batches"):
         model.generate(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
     assert model(torch.tensor([1, 2, 3])).logits.shape == (1, 3, VOCAB)  # a 1-D prompt is one sequence
+
+
+def test_the_prefill_hands_lm_head_a_fresh_last_position(tiny, monkeypatch):
+    # a [B, 1, C] view of [B, T, C] keeps T's row stride, and torch's CPU linear then copies the whole
+    # weight it multiplies (lm_head: its size again in unaccounted memory)
+    model, _ = tiny
+    store, seen = model.executor.store, []
+    real = store.logits
+    monkeypatch.setattr(store, "logits", lambda h: seen.append(h.stride()) or real(h))
+    model.generate(torch.randint(2, VOCAB - 1, (1, 9), generator=torch.Generator().manual_seed(5)), max_new_tokens=2)
+    C = model.config.hidden_size
+    assert seen and all(s == (C, C, 1) for s in seen), seen

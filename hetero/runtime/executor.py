@@ -85,7 +85,9 @@ class Executor:
             pipe.issue_next()  # the next token's first reads run while lm_head streams
             h = self.model.model.norm(h)
             if last_only:
-                h = h[:, -1:]
+                # fresh strides: a [B, 1, C] view keeps the [B, T, C] row stride, and torch's CPU linear
+                # then copies the whole weight (lm_head: +200 MB and 60x the time, measured at T=8)
+                h = h[:, -1:].clone(memory_format=torch.contiguous_format)
             logits = self.store.logits(h)
             if self.experts is not None:
                 self.experts.end_step(B * T)  # one token step: cache scores decay
