@@ -7,10 +7,13 @@ import pytest
 import torch
 
 import hetero
+from hetero.api import checkpoint_tensors
+from hetero.checkpoint.catalogue import Catalogue
 from hetero.cli import main
 from hetero.config import ModelArgs
 from hetero.errors import HeteroError
 from hetero.experts.decide import ExpertCosts
+from hetero.flash import pack as packs
 from hetero.placement.cost import lookahead
 from hetero.placement import hardware
 from hetero.placement.plan import tier_usage
@@ -28,14 +31,21 @@ PLACEMENTS = [
 ]
 
 
-def expert_plan(ckpt, compute: str, cycle, cache: dict, depth: int = 1):
-    """Dense groups on the compute tier, experts dealt to `cycle`, `cache` slots; budgets exactly what it commits."""
-    args, groups = model_groups(ckpt)
+def expert_plan(ckpt, compute: str, cycle, cache: dict, depth: int = 1, dtype=torch.float32, pack: str | None = None):
+    """Dense groups on the compute tier, experts dealt to `cycle`, `cache` slots; budgets exactly what it commits
+    (with disk-tier experts read from a pack of dtype `pack`, default one in the compute dtype)."""
+    args, groups = model_groups(ckpt, dtype)
     experts = [g for g in groups if g.kind == "expert"]
     deal = {g.name: cycle[i % len(cycle)] for i, g in enumerate(experts)}
     tiers = {g.name: deal.get(g.name, compute) for g in groups}
     plan = hetero.api.Plan(tiers=tiers, compute=compute, budgets={}, kv_tokens=64, depth=depth, expert_cache=cache)
-    use = tier_usage(groups, plan, args, torch.float32)
+    extents = None
+    if pack is not None:
+        cat, fmt = Catalogue(ckpt), packs.PackFormat.parse(pack)
+        tensors = checkpoint_tensors(args, cat)
+        codecs = packs.codec_stats(cat, tensors, groups, fmt) if fmt.codec else None
+        extents = packs.staging_extents(packs.layout(tensors, groups, fmt, codecs), dtype)
+    use = tier_usage(groups, plan, args, dtype, extents)
     return dataclasses.replace(plan, budgets={t: sum(use[t].values()) for t in (("gpu", "cpu") if compute == "gpu" else ("cpu",))})
 
 
@@ -85,6 +95,22 @@ class AllExperts:
     def predict(self, layer, x):
         nxt = [l for l in self.layers if l > layer][:1]
         return {l: torch.ones(self.E) for l in nxt}
+
+
+@pytest.mark.parametrize("compute,device,cycle,cache", [PLACEMENTS[0], PLACEMENTS[2]])
+def test_experts_read_from_a_bf16z_pack_fill_the_caches_with_the_same_weights(tmp_path, compute, device, cycle, cache):
+    ckpt, ref = tiny_checkpoint(tmp_path, "qwen3_moe")
+    ref.to(torch.bfloat16).save_pretrained(ckpt)
+    ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(6))
+    bf16 = dict(dtype="bfloat16", profile=synthetic_profile(gpu=compute == "gpu"))
+    resident = hetero.load_offloaded(ckpt, plan=expert_plan(ckpt, "cpu", ("cpu",), {}, dtype=torch.bfloat16), **bf16)
+    plan = expert_plan(ckpt, compute, cycle, cache, dtype=torch.bfloat16, pack="bf16z")
+    z = hetero.load_offloaded(ckpt, device=device, plan=plan, pack="bf16z", **bf16)
+    assert z.executor.store.pack.format.tag == "bf16z"
+    assert torch.equal(z(ids).logits.cpu(), resident(ids).logits)
+    assert torch.equal(z.generate(ids[:, :4], max_new_tokens=5, do_sample=False),
+                       resident.generate(ids[:, :4], max_new_tokens=5, do_sample=False))
+    assert z.stats()["experts"]["disk_read_bytes_per_token"] > 0 and not over_budget(z)
 
 
 def _hits(m, predictor=None):
