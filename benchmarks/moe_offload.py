@@ -173,7 +173,8 @@ def worker_hetero(a) -> dict:
             "io_stall_s_per_token": s["decode_io_stall_s_per_token"], "device": m.device.kind,
             "placed_bytes": placed, "expert_cache_slots": dict(getattr(m.plan, "expert_cache", {}) or {}),
             "experts": s.get("experts"), "tokens": out[0, ids.shape[1]:].tolist(),
-            "notes": s.get("notes"), "peak_bytes": s["memory"]["cpu"]["peak_bytes"]}
+            "notes": s.get("notes"), "peak_bytes": s["memory"]["cpu"]["peak_bytes"], "pack": s["io"]["pack_dtype"],
+            "predicted_s_per_token": s["predicted_decode_s_per_token"]}
 
 
 def worker_llama(a) -> dict:
@@ -218,6 +219,8 @@ def main():
     ap.add_argument("--converter", help="llama.cpp's convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERTER or the "
                                         "llama-cpp-python source tree under /work/dl-llama)")
     ap.add_argument("--only", help="comma-separated contenders to run (hetero,hetero-lru,llama.cpp,accelerate)")
+    ap.add_argument("--pack", help="hetero's pack dtype (bf16, bf16z, ...); default as loading: the lossless format "
+                                   "the cost model predicts faster")
     ap.add_argument("--json", dest="json_path", default="benchmarks/results/moe_offload.json")
     ap.add_argument("--prepare-only", action="store_true", help="build the model, its GGUF and pack, then stop")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -239,7 +242,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     model, gguf_path = work / NAME, work / f"{NAME}-bf16.gguf"
     t0 = time.time()
-    print(f"preparing {model}, its GGUF and bf16 pack (once) ...", file=sys.stderr)
+    print(f"preparing {model}, its GGUF and bf16 / bf16z packs (once) ...", file=sys.stderr)
     make_model(model, fixture_dir())
     for side in SIDE_FILES:  # the plain model runs as shipped: speculative gating, homes on a uniform prior
         (model / side).unlink(missing_ok=True)
@@ -249,8 +252,9 @@ def main():
     from hetero.flash.pack import PackFormat, pack_path
 
     pack = pack_path(model, PackFormat.parse("bf16"))
-    if not (pack / "manifest.json").is_file():
-        pack_model(model, dtype="bf16", log_fn=lambda *_: None)
+    for fmt in ("bf16", "bf16z"):  # either may be the one loading picks: none is written inside a cgroup
+        if not (pack_path(model, PackFormat.parse(fmt)) / "manifest.json").is_file():
+            pack_model(model, dtype=fmt, log_fn=lambda *_: None)
     calibrated = calibrated_copy(model, work) if only & {"hetero-calibrated", "hetero-calibrated-lru"} else None
     c = json.loads((model / "config.json").read_text())
     tensor_bytes = c["intermediate_size"] * c["hidden_size"] * 2  # one expert matrix: the size of an expert read
@@ -267,7 +271,10 @@ def main():
     common = ["--tokens", str(a.tokens), "--workdir", str(work), "--prompt", json.dumps(prompt)]
     hetero = ["--worker", "hetero", "--ram", str(ram)] + (["--device", a.device] if a.device else []) + \
              (["--vram", a.vram] if a.vram else [])
-    lru = ["--options", json.dumps({k: v for k, v in {"prefetch": False, "expert_policy": "lru"}.items() if features[k]})]
+    pinned = {"pack": a.pack} if a.pack else {}
+    hetero += ["--options", json.dumps(pinned)]
+    lru = ["--options", json.dumps({**pinned, **{k: v for k, v in {"prefetch": False, "expert_policy": "lru"}.items()
+                                                 if features[k]}})]
     no_lru = None if features["prefetch"] else "load_offloaded has no prefetch= here"
     contenders = {  # name: (argv, model directory, python, timeout, reason to skip)
         "hetero": (hetero, model, sys.executable, 900, None),
