@@ -21,6 +21,7 @@ token ÷ the disk's direct-read bandwidth from `hetero profile`. Run as root (cg
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -146,12 +147,15 @@ def worker_hetero(a) -> dict:
     ids = torch.tensor([PROMPT])
     m.generate(ids, max_new_tokens=2, do_sample=False)  # first reads verify the pack's checksums
     m.reset_stats()
-    r0 = read_bytes()
+    r0, f0 = read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     m.generate(ids, max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=False)
     s = m.stats()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - f0
     return {"s_per_token": s["decode_s_per_token"], "disk_bytes_per_token": s["decode_disk_read_bytes_per_token"],
             # generate ran one prefill forward (reading the same weights) besides the decode steps
             "kernel_read_bytes_per_token": (read_bytes() - r0) / (s["decode_tokens"] + 1),
+            # pages of code or data the memory limit evicted and the process read back (major faults)
+            "major_faults_per_token": faults / (s["decode_tokens"] + 1),
             "read_gbps": s["decode_disk_read_gbps"], "io_stall_s_per_token": s["decode_io_stall_s_per_token"],
             "io_hidden_fraction": s["decode_io_hidden_fraction"], "resident_bytes": s["resident_bytes"],
             "peak_bytes": s["memory"]["cpu"]["peak_bytes"], "depth": s["io"]["prefetch_depth"],

@@ -34,10 +34,29 @@ def test_the_native_reader_is_built():
         assert rd._LIB is not None
 
 
-@pytest.mark.parametrize("n", [1, 4095, 4096, 3 * 4096 + 7, 2**20])
+@pytest.mark.parametrize("n", [1, 4095, 4096, 3 * 4096 + 7, 2**20, 3 * 2**20 + 5, 70 * 2**20])
 def test_buffers_are_page_aligned(n):
     b = rd.aligned_empty(n)
     assert b.data_ptr() % rd.ALIGN == 0 and b.numel() == n and b.dtype == torch.uint8
+    b[-1] = 7  # writable to the last byte
+
+
+def test_large_buffers_map_exactly_their_pages_and_ask_for_huge_ones():
+    before = _mappings()
+    b = rd.aligned_empty(5 * 2**20 + 100)
+    b.fill_(1)  # touched: a huge-page request must not cost more than the pages asked for
+    new = [size for start, size in _mappings() - before if start <= b.data_ptr() < start + size]
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert new == [5 * 2**20 + 4096]  # its own mapping, rounded to 4 KiB only (what the accountant counts)
+
+
+def _mappings() -> set:
+    out = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            out.add((lo, hi - lo))
+    return out
 
 
 def test_reads_and_checksums_match_the_file(reader, data):
