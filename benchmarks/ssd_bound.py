@@ -257,7 +257,11 @@ def main():
             print(f"round {r + 1}/{a.rounds}: running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...",
                   file=sys.stderr)
             runs.setdefault(name, []).append(run_limited(__file__, "hetero_ssd", name, argv + common, limit, python, timeout))
-    report({name: median_run(rs) for name, rs in runs.items()}, size, limit, bw, bw_source, a, reader_bw)
+    # what `hetero run` picks for this model and budget with no --pack (the lossless format predicted faster)
+    from hetero.placement.summary import plan_command
+
+    default = plan_command(str(model), ram=limit - a.overhead, context=256, dtype="bfloat16")[0]["pack"]
+    report({name: median_run(rs) for name, rs in runs.items()}, size, limit, bw, bw_source, a, reader_bw, default)
 
 
 def median_run(runs: list) -> dict:
@@ -269,10 +273,10 @@ def median_run(runs: list) -> dict:
             "failed_rounds": [r["error"] for r in runs if "error" in r]}
 
 
-def report(results: dict, size: int, limit: int, bw: float, bw_source: str, a, reader_bw: float):
+def report(results: dict, size: int, limit: int, bw: float, bw_source: str, a, reader_bw: float, default: str):
     print(f"\nmodel: dense llama, {size / 1e9:.2f} GB bf16; memory limit {limit / 2**20:.0f} MiB "
           f"({100 * a.limit_share:.0f}%, page cache included); disk {bw / 1e9:.2f} GB/s ({bw_source}); "
-          f"hetero's reader alone {reader_bw / 1e9:.2f} GB/s")
+          f"hetero's reader alone {reader_bw / 1e9:.2f} GB/s; with no --pack, hetero reads a {default} pack here")
     rows = []
     for name, r in results.items():
         if "error" in r:
@@ -305,6 +309,7 @@ def report(results: dict, size: int, limit: int, bw: float, bw_source: str, a, r
         if len(r.get("rounds_s_per_token") or []) > 1:
             print(f"{name} s/token by round: " + ", ".join("failed" if t is None else f"{t:.2f}" for t in r["rounds_s_per_token"]))
     out = {"model_bytes": size, "limit_bytes": limit, "disk_bandwidth_bps": bw, "disk_bandwidth_source": bw_source,
+           "default_pack": default,
            "reader_bandwidth_bps": reader_bw,
            "tokens": a.tokens, "results": results, "ratios": ratios}
     write_json(a.json_path, out)
