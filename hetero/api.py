@@ -392,7 +392,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
         raise HeteroError(f"{pack}: this pack was made from another checkpoint (or an older copy of {path}); "
                           f"pack again with `hetero pack {path}`")
     fmt = opened.format if opened else packs.PackFormat.parse(pack or cdtype)
-    extents = packs.staging_extents(opened.extents if opened else packs.layout(tensors, groups, fmt), cdtype)
+    extents = (packs.staging_extents(opened.extents, cdtype) if opened else
+               packs.planned_extents(tensors, groups, fmt, cdtype))
     if expert_policy not in ("score", "lru"):
         raise HeteroError(f"expert_policy {expert_policy!r}: choose score or lru")
     model = fam.build(args)  # meta weights: module names and shapes, nothing read yet

@@ -161,6 +161,22 @@ def staging_extents(extents: dict, dtype: torch.dtype) -> dict:
     return {g: (x["nbytes"], x["data_bytes"], _is_view(x, dtype), _decoder(x)) for g, x in extents.items()}
 
 
+def planned_extents(tensors: dict, groups, fmt: PackFormat, dtype: torch.dtype) -> dict:
+    """staging_extents(layout(tensors, groups, fmt), dtype), laying out each distinct group shape once.
+
+    A group's extent depends only on its kind and its tensors' shapes and dtypes, and an MoE repeats
+    one expert's shapes thousands of times: Qwen3-235B-A22B's 36K tensors took 0.4-0.5 s a layout,
+    which `hetero plan` pays once per pack format it weighs.
+    """
+    memo, out = {}, {}
+    for g in groups:
+        key = (g.kind, tuple((tuple(tensors[n][0]), tensors[n][1]) for n in g.tensors))
+        if key not in memo:
+            memo[key] = staging_extents(layout(tensors, [g], fmt), dtype)[g.name]
+        out[g.name] = memo[key]
+    return out
+
+
 def _is_view(x: dict, dtype: torch.dtype) -> bool:
     return all(e["dtype"] == NAMES[dtype] and "scale_offset" not in e and "codec" not in e for e in x["tensors"].values())
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from ..flash.pack import PackFormat, layout, staging_extents
+from ..flash.pack import PackFormat, planned_extents
 from .cost import predict
 from .describe import ModelDesc
 
@@ -42,11 +42,17 @@ def pick_format(desc: ModelDesc, formats: list[PackFormat], profile, workload, p
     """
     best = None
     for fmt in formats:
-        extents = staging_extents(layout(desc.tensors, desc.groups, fmt), desc.dtype)
+        extents = planned_extents(desc.tensors, desc.groups, fmt, desc.dtype)
+        if best is not None:
+            if "disk" not in best[2].tiers.values():
+                break
+            # the first format's placement read from this pack: not faster, and it is not planned at all
+            # (planning a 235B MoE takes most of a second)
+            same = predict(desc, best[2], profile, replace(workload, extents=extents))
+            if same.decode_s_per_token >= best[3].decode_s_per_token:
+                continue
         plan, prediction = plan_for(extents)
         prediction = prediction or predict(desc, plan, profile, replace(workload, extents=extents))
         if best is None or prediction.decode_s_per_token < (1 - MARGIN) * best[3].decode_s_per_token:
             best = (fmt, extents, plan, prediction)
-        if "disk" not in plan.tiers.values():
-            break
     return best
