@@ -38,20 +38,21 @@ HUGE = 2 * 2**20  # a transparent huge page (x86-64, arm64 with 4 KiB pages)
 def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     """An uninitialised uint8 tensor of `nbytes` whose data starts on an ALIGN boundary.
 
-    A large unpinned one is its own anonymous mapping asking for transparent huge pages. A direct
-    read is one request to the disk only over physically contiguous memory (the virtio disk here
-    takes 254 segments a request): in 4 KiB pages scattered by a memory cgroup's reclaim, a 4 MiB
-    read became several, and hetero's reads ran at 1.35-1.65 GB/s under an 893-1093 MiB limit
-    instead of 2.7-2.9 (benchmarks/ssd_bound.py's model, bf16z pack).
+    A large unpinned one is its own anonymous mapping whose whole 2 MiB pieces ask for transparent
+    huge pages. A direct read is one request to the disk only over physically contiguous memory (the
+    virtio disk here takes 254 segments a request): in 4 KiB pages scattered by a memory cgroup's
+    reclaim, a 4 MiB read became several, and hetero's reads ran at 1.35-1.65 GB/s under an 893-1093
+    MiB limit instead of 2.7-2.9 (benchmarks/ssd_bound.py's model, bf16z pack).
     """
     if pin or nbytes < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
         skip = -raw.data_ptr() % ALIGN
         return raw[skip:skip + nbytes]
-    # exactly the pages asked for (huge ones where a 2 MiB-aligned range lies inside), so the accountant's
-    # figure stays the memory held; the tensor keeps the mapping alive
-    mm = mmap.mmap(-1, -(-nbytes // ALIGN) * ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE)
+    # a length of whole huge pages gets a huge-page-aligned start (Linux >= 6.7); only the whole ones
+    # below nbytes are asked for, so the pages ever touched, and held, are the ones up to nbytes: the
+    # accountant's figure stays the memory held. The tensor keeps the mapping alive.
+    mm = mmap.mmap(-1, -(-nbytes // HUGE) * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_HUGEPAGE, 0, nbytes // HUGE * HUGE)
     return torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
 
 

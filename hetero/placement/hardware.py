@@ -24,7 +24,7 @@ from ..errors import HeteroError
 from ..sizes import format_size
 from . import probes
 
-VERSION = 13  # bump when what is measured, or how, changes: older caches are then re-measured
+VERSION = 14  # bump when what is measured, or how, changes: older caches are then re-measured
 _FILE = "profile.json"
 
 
