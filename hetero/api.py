@@ -279,7 +279,7 @@ def _check_mask(mask):
 
 def _ensure_pack(path: Path, cat, tensors, groups, fmt, disk_dir, acc, say, progress):
     """The pack of the checkpoint in `fmt`, written now (once) if there is none or it is stale."""
-    roots = [disk_dir] if disk_dir is not None else [None, store.home() / "packs"]  # the model dir may be read-only
+    roots = packs.pack_roots(disk_dir)
     for root in roots:
         dest = packs.pack_path(path, fmt, root)
         found = packs.open_pack(dest, cat)
@@ -416,8 +416,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
             from .placement.packing import lossless_formats, pick_format
 
             desc = describe(args, tensors, cdtype)
-            fmt, extents, plan, _ = pick_format(desc, lossless_formats(desc), profile, _routing_workload(dev, facts),
-                                                plan_for)
+            fmt, extents, plan, _ = pick_format(desc, lossless_formats(desc, path, disk_dir), profile,
+                                                _routing_workload(dev, facts), plan_for)
             routing["extents"] = extents
         else:
             plan, _ = plan_for(extents)

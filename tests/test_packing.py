@@ -84,3 +84,15 @@ def test_planned_extents_are_the_layouts_laid_out_once_per_group_shape(fmt):
     f = PackFormat.parse(fmt)
     for dtype in (torch.bfloat16, torch.float32):
         assert planned_extents(desc.tensors, desc.groups, f, dtype) == staging_extents(layout(desc.tensors, desc.groups, f), dtype)
+
+
+def test_a_pack_already_written_is_the_incumbent(tmp_path):
+    from hetero.api import pack_model
+    from hetero.placement.describe import describe_dir
+
+    ckpt, ref = tiny_checkpoint(tmp_path, "llama")
+    ref.to(torch.bfloat16).save_pretrained(ckpt)
+    desc = describe_dir(ckpt)
+    assert [f.tag for f in lossless_formats(desc, ckpt)] == ["bfloat16", "bf16z"]
+    pack_model(ckpt, dtype="bf16z", log_fn=lambda *_: None)
+    assert [f.tag for f in lossless_formats(desc, ckpt)] == ["bf16z", "bfloat16"]  # kept unless plain is MARGIN faster

@@ -199,6 +199,19 @@ def fingerprint(cat) -> str:
     return h.hexdigest()[:16]
 
 
+def pack_roots(disk_dir=None) -> list:
+    """Where a model's packs are looked for and written, in order: `disk_dir` when given, else next to the
+    model (root None), then the store's packs directory (the model's directory may be read-only)."""
+    from ..store import home
+
+    return [Path(disk_dir)] if disk_dir is not None else [None, home() / "packs"]
+
+
+def has_pack(model_dir: Path, fmt: PackFormat, disk_dir=None) -> bool:
+    """True when a pack of `model_dir` in `fmt` has been written (whether it is stale is not checked)."""
+    return any((pack_path(model_dir, fmt, root) / "manifest.json").is_file() for root in pack_roots(disk_dir))
+
+
 def pack_path(model_dir: Path, fmt: PackFormat, root: Path | None = None) -> Path:
     """Where the pack of `model_dir` in `fmt` lives: in `root` when given, else inside the model directory."""
     model_dir = Path(model_dir)

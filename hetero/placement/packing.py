@@ -10,24 +10,29 @@ from dataclasses import replace
 
 import torch
 
-from ..flash.pack import PackFormat, planned_extents
+from ..flash.pack import PackFormat, has_pack, planned_extents
 from .cost import predict
 from .describe import ModelDesc
 
-# bf16z is chosen only when predicted this much faster: about the cost model's median error on this
-# machine (benchmarks/plan_accuracy.py), since a wrong pick costs decode time on every token. On
-# moe_offload.py's MoE it predicted bf16z 4% faster and it ran 10% slower (fewer cache slots, decode on
-# the compute thread of a plan bound by compute); on ssd_bound.py's dense model 32% faster, measured 21%.
+# a format other than the first is chosen only when predicted this much faster: about the cost model's
+# median error on this machine (benchmarks/plan_accuracy.py), since a wrong pick costs time on every
+# token. On moe_offload.py's MoE it predicted bf16z 4% faster and it ran 10% slower (fewer cache slots,
+# decode on the compute thread of a plan bound by compute); on ssd_bound.py's dense model, 32% faster.
 MARGIN = 0.10
 
 
-def lossless_formats(desc: ModelDesc) -> list[PackFormat]:
-    """The pack formats that hold exactly the checkpoint's values for this compute dtype, plain first."""
+def lossless_formats(desc: ModelDesc, model_dir=None, disk_dir=None) -> list[PackFormat]:
+    """The pack formats that hold exactly the checkpoint's values for this compute dtype, the incumbent
+    first: one already written for `model_dir` (a second pack of a large model costs its size on disk
+    again, so it is written only when predicted MARGIN faster), else the plain one."""
     plain = PackFormat.parse(desc.dtype)
     weights = [dt for shape, dt in desc.tensors.values() if len(shape) == 2]
-    if weights and all(dt == torch.bfloat16 for dt in weights) and desc.dtype in (torch.bfloat16, torch.float32):
-        return [plain, PackFormat.parse("bf16z")]
-    return [plain]
+    if not (weights and all(dt == torch.bfloat16 for dt in weights) and desc.dtype in (torch.bfloat16, torch.float32)):
+        return [plain]
+    formats = [plain, PackFormat.parse("bf16z")]
+    if model_dir is not None:
+        formats.sort(key=lambda f: not has_pack(model_dir, f, disk_dir))  # stable: plain first among equals
+    return formats
 
 
 def pick_format(desc: ModelDesc, formats: list[PackFormat], profile, workload, plan_for):
@@ -42,10 +47,10 @@ def pick_format(desc: ModelDesc, formats: list[PackFormat], profile, workload, p
     """
     best = None
     for fmt in formats:
+        if best is not None and "disk" not in best[2].tiers.values():
+            break
         extents = planned_extents(desc.tensors, desc.groups, fmt, desc.dtype)
         if best is not None:
-            if "disk" not in best[2].tiers.values():
-                break
             # the first format's placement read from this pack: not faster, and it is not planned at all
             # (planning a 235B MoE takes most of a second)
             same = predict(desc, best[2], profile, replace(workload, extents=extents))

@@ -210,7 +210,7 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
         return make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None, profile,
                          replace(workload, extents=extents), planner, routing_known=trace is not None, extents=extents)
     # as loading does: the named pack, else the lossless format the cost model predicts faster
-    formats = [PackFormat.parse(pack)] if pack else lossless_formats(desc)
+    formats = [PackFormat.parse(pack)] if pack else lossless_formats(desc, path)
     fmt, extents, plan, prediction = pick_format(desc, formats if planner == "cost" else formats[:1], profile,
                                                  workload, plan_for)
     workload = replace(workload, extents=extents)
