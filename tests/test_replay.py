@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from hetero.errors import HeteroError
 from hetero.experts.replay import POLICIES, compare, hit_shares, parse_share, replay
@@ -136,3 +137,44 @@ def test_an_oracle_lookahead_protects_what_comes_next():
     # one slot: A, needed again two steps on, is kept through B's miss (B is not cached: no slot is
     # free of what comes next, and the budget is never exceeded); without the oracle nothing ever hits
     assert replay(tr, "score", 0.25, oracle_steps=2).hits == 1 and replay(tr, "score", 0.25).hits == 0
+
+
+class _Knows:
+    """A routing predictor that forecasts the trace's true routing (per-token pick chance 1 or 0)."""
+
+    def __init__(self, trace):
+        self.trace = trace
+
+    def token_scores(self, layer, depth, x):
+        tr, target = self.trace, layer + depth
+        out = torch.zeros(tr.num_tokens, tr.num_experts)
+        out.scatter_(1, torch.from_numpy(tr.idx[target].astype(np.int64)), 1.0)
+        return out
+
+
+def _with_inputs(tr):
+    return RoutingTrace(tr.num_experts, tr.top_k, tr.idx, tr.w, x={l: np.zeros((tr.num_tokens, 2)) for l in tr.layers},
+                        meta=tr.meta)
+
+
+def test_prediction_prefetch_serves_the_next_layer_from_the_cache():
+    # layer 0 always expert 0; layer 1 a new expert each token (4 of them cycling): on demand, two slots
+    # never hold layer 1's next expert; told layer 1's routing at layer 0, the prefetch brings it first
+    tr = _with_inputs(_trace([[[0], [t % 4]] for t in range(12)], E=4, layers=(0, 1)))
+    demand = replay(tr, "score", 0.25)  # 2 slots of 8 experts
+    assert demand.hits == 11 and demand.moved_bytes == demand.total_bytes - demand.hit_bytes == 13
+    ahead = replay(tr, "score", 0.25, predictor=_Knows(tr), lookahead=1)
+    assert ahead.hits == 11 + 12  # layer 0 after its first use, and every layer-1 use
+    assert ahead.moved_bytes == 1 + 12  # layer 0's compulsory miss, and every prefetch (all of them used)
+    held = replay(tr, "score", 0.25, predictor=_Knows(tr), prefetch=False)  # protection alone brings nothing in
+    assert held.hits == demand.hits and held.moved_bytes == demand.moved_bytes
+    lru = replay(tr, "lru", 0.25, predictor=_Knows(tr))
+    assert lru.hits == ahead.hits
+
+
+def test_replay_with_a_predictor_needs_inputs_and_not_belady():
+    tr = _trace([[[0], [1]]], layers=(0, 1))
+    with pytest.raises(HeteroError, match="MoE inputs"):
+        replay(tr, "score", predictor=_Knows(tr))
+    with pytest.raises(HeteroError, match="Belady"):
+        replay(_with_inputs(tr), "belady", predictor=_Knows(tr))

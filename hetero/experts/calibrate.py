@@ -38,7 +38,8 @@ def overlap(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return hit.float().mean(1)
 
 
-def _x(trace, layer) -> torch.Tensor:
+def trace_inputs(trace, layer) -> torch.Tensor:
+    """[N, C] float32 the MoE inputs of `layer` a trace kept (HeteroError if it kept none)."""
     if trace.x is None:
         raise HeteroError("this routing trace has no MoE inputs; record it with x kept (hetero calibrate does)")
     return torch.from_numpy(trace.x[layer]).float()
@@ -65,7 +66,7 @@ def _forecasts(predictor, trace, lookahead: int):
         target = layer + lookahead
         if target not in trace.idx:
             continue
-        scores = predictor.token_scores(layer, lookahead, _x(trace, layer))
+        scores = predictor.token_scores(layer, lookahead, trace_inputs(trace, layer))
         if scores is not None:
             yield target, scores, torch.from_numpy(trace.idx[target]).long()
 
@@ -156,14 +157,14 @@ def calibrate(trace, routers: dict[int, torch.Tensor], depths: int = 3, holdout:
         raise HeteroError(f"the trace has {N} tokens; calibration needs at least 80")
     maps, scales, chosen = {}, {}, {}
     for layer in trace.layers:
-        X = _x(trace, layer)
+        X = trace_inputs(trace, layer)
         targets = [(d, layer + d) for d in range(1, depths + 1) if layer + d in routers]
         if not targets:
             continue
         fit, full = _Ridge(X[:cut]), None
         for d, t in targets:
             W = routers[t].float()
-            Y = _x(trace, t) @ W.T  # [N, E] the true logits of layer t
+            Y = trace_inputs(trace, t) @ W.T  # [N, E] the true logits of layer t
             R = Y - X @ W.T  # what speculative gating misses
             idx_h = torch.from_numpy(trace.idx[t][cut:])
             best, projected = None, fit.project(R[:cut])

@@ -9,12 +9,21 @@ cache is full). Hit rate is by bytes: the share of the needed expert bytes alrea
     belady               Belady's optimum: evict the resident expert whose next use is farthest
                          away (it needs the future, so it lives here, not in the runtime)
 
+With a routing predictor (a trace with its MoE inputs kept), a policy runs as the runtime's expert
+manager runs it: at each (token, layer) the experts predicted for the next `lookahead` layers are
+protected too and, with prefetch, brought in ahead of their use (after the layer's own misses, a
+prediction only taking the slot of an expert expected to wait longer). An expert that arrived ahead
+and is then used counts as a hit: it was in the cache when its layer asked, as the runtime's stats
+count it. Bytes moved then include the prefetches that were not used.
+
 Caches are "global" (one cache over all layers' experts, like the runtime's per-tier caches) or
 "layer" (one per MoE layer, each with the same share of its layer's experts).
 """
 
 import heapq
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..errors import HeteroError
 from .policy import make_policy
@@ -33,6 +42,11 @@ class ReplayResult:
     hit_bytes: int
     total_bytes: int
     tokens: int
+    moved_bytes: int = 0  # bytes brought in: every miss's, and every prefetch's (used or not)
+
+    @property
+    def moved_bytes_per_token(self) -> float:
+        return self.moved_bytes / self.tokens if self.tokens else 0.0
 
     @property
     def hit_rate_bytes(self) -> float:
@@ -46,7 +60,7 @@ class ReplayResult:
         return {"policy": self.policy, "scope": self.scope, "slots": self.slots, "accesses": self.accesses,
                 "hits": self.hits, "hit_rate": self.hits / self.accesses if self.accesses else 0.0,
                 "hit_rate_bytes": self.hit_rate_bytes, "miss_bytes_per_token": self.miss_bytes_per_token,
-                "tokens": self.tokens}
+                "moved_bytes_per_token": self.moved_bytes_per_token, "tokens": self.tokens}
 
 
 def parse_share(text) -> float:
@@ -114,8 +128,34 @@ class _Belady:
         return out
 
 
+def _forecasts(trace, predictor, lookahead: int) -> dict:
+    """{layer l: [(layer l+d, [N, E] per-token pick probabilities forecast from x_l)] for d = 1..lookahead}."""
+    from .calibrate import trace_inputs
+
+    out = {}
+    for l in trace.layers:
+        for d in range(1, lookahead + 1):
+            if l + d in trace.idx:
+                scores = predictor.token_scores(l, d, trace_inputs(trace, l))
+                if scores is not None:
+                    out.setdefault(l, []).append((l + d, scores.numpy()))
+    return out
+
+
+def _predicted(forecasts, t: int, top_k: int) -> list:
+    """[(chance, (layer, expert))] the manager acts on at token t: per forecast layer, the experts
+    predicted above 1/2, at least top_k of them (as ExpertManager.prepare picks them)."""
+    out = []
+    for target, scores in forecasts:
+        row = scores[t]
+        m = min(len(row), max(top_k, int((row > 0.5).sum())))
+        out += [(float(row[e]), (target, int(e))) for e in np.argsort(-row, kind="stable")[:m]]
+    return out
+
+
 def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", frequencies=None,
-           expert_bytes=None, oracle_steps: int = 0) -> ReplayResult:
+           expert_bytes=None, oracle_steps: int = 0, predictor=None, lookahead: int = 1,
+           prefetch: bool = True) -> ReplayResult:
     """Run a trace's accesses through a simulated expert cache.
 
     Args:
@@ -130,6 +170,9 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
             (token, layer) steps are protected too, as if a predictor knew them without error (one
             token ahead is as many steps as MoE layers). It measures how much of the gap to Belady
             knowing the near future would close.
+        predictor: a routing predictor (experts/predictor.py) to run the policy as the runtime does: the
+            experts it predicts `lookahead` layers ahead are protected, and with `prefetch` brought in
+            ahead. Needs the trace's MoE inputs; not for "belady".
     Returns:
         A ReplayResult.
     """
@@ -137,6 +180,8 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
         raise HeteroError(f"replay policy {policy!r}: choose from {', '.join(POLICIES)}")
     if scope not in ("global", "layer"):
         raise HeteroError(f"replay scope {scope!r}: choose global or layer")
+    if predictor is not None and policy == "belady":
+        raise HeteroError("Belady's optimum knows the future already: replay it without a predictor")
     E, layers = trace.num_experts, trace.layers
     nbytes = _expert_bytes(trace, expert_bytes)
     if scope == "global":
@@ -150,9 +195,10 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
     bel = _Belady() if policy == "belady" else None
     nexts = _next_uses(trace) if bel else None
     res = {c: set() for c in caps}
-    hits = hit_b = tot_b = acc = 0
+    hits = hit_b = tot_b = acc = moved = 0
     last_t = 0
     steps = list(_steps(trace)) if oracle_steps else None
+    forecasts = _forecasts(trace, predictor, lookahead) if predictor is not None else {}
     for s, (t, l, used) in enumerate(steps or _steps(trace)):
         if t != last_t:
             if pol:
@@ -163,6 +209,8 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
         protected = {(l, e) for e, _ in used}
         for _, ll, later in (steps[s + 1:s + 1 + oracle_steps] if oracle_steps else ()):
             protected.update((ll, e) for e, _ in later)
+        predicted = _predicted(forecasts[l], t, trace.top_k) if l in forecasts else ()
+        protected.update(key for _, key in predicted)
         for e, w in used:
             key, b = (l, e), nbytes[l]
             tot_b += b
@@ -170,6 +218,7 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
                 hits += 1
                 hit_b += b
             else:
+                moved += b
                 if len(held) >= cap:
                     v = bel.victim(cache, held, protected) if bel else pol.victim(list(held), protected)
                     if v is not None:
@@ -181,7 +230,19 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
             else:
                 pol.touch(key, w)
             acc += 1
-    return ReplayResult(policy, scope, sum(caps.values()), acc, hits, hit_b, tot_b, trace.num_tokens)
+        for q, key in sorted(predicted, reverse=True) if prefetch else ():
+            held, cap = res[None if scope == "global" else key[0]], caps[None if scope == "global" else key[0]]
+            if key in held:
+                continue
+            if len(held) >= cap:  # as ExpertCache.make_room with the manager's admission rule
+                v = pol.victim(list(held), protected)
+                wait = getattr(pol, "expected_wait", None)
+                if v is None or (wait is not None and pol.wait(v) <= wait(key, q)):
+                    continue
+                held.discard(v)
+            held.add(key)
+            moved += nbytes[key[0]]
+    return ReplayResult(policy, scope, sum(caps.values()), acc, hits, hit_b, tot_b, trace.num_tokens, moved)
 
 
 def compare(trace, policies=POLICIES, resident: float = 0.3, scope: str = "global", frequencies=None,
