@@ -529,10 +529,17 @@ def calibrate_(model, vram, ram, disk_dir, dtype, device, plan_file, context, qu
               help="One cache over all layers, or one per MoE layer.")
 @click.option("--frequencies", "freq_file", type=click.Path(),
               help="Trace whose expert frequencies the static policy keeps (default: the replayed trace's own).")
+@click.option("--model", help="Also replay score and LRU as the runtime runs them: this model's routing predictor "
+                                "(calibrated when `hetero calibrate` fitted one) protecting and prefetching the experts "
+                                "it predicts. Needs a trace recorded with --keep-x.")
+@click.option("--lookahead", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="With --model: MoE layers predicted ahead.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def replay_(trace_file, resident, policies, scope, freq_file, as_json):
+def replay_(trace_file, resident, policies, scope, freq_file, model, lookahead, as_json):
     """Replay a routing trace through simulated expert caches: hit rate by bytes per policy, Belady's optimum included."""
-    from .experts.replay import POLICIES, compare, parse_share
+    from . import store
+    from .experts.recording import replay_predictor
+    from .experts.replay import POLICIES, compare, parse_share, replay
     from .experts.trace import RoutingTrace
 
     share = parse_share(resident)
@@ -546,19 +553,34 @@ def replay_(trace_file, resident, policies, scope, freq_file, as_json):
         if (ft.layers, ft.num_experts) != (tr.layers, tr.num_experts):
             raise HeteroError(f"--frequencies {freq_file}: recorded on another model (layers or expert count differ)")
         freq = ft.frequencies()
+    notes, kind = [], None
+    predictor = replay_predictor(store.resolve(model), tr, lookahead, notes) if model else None
     results = compare(tr, names, share, scope, freq)
+    if predictor is not None:
+        pred, span = predictor
+        kind = pred.kind
+        for p in (n for n in names if n != "belady"):
+            r = replay(tr, p, share, scope, freq, predictor=pred, lookahead=span)
+            r.policy = f"{p}+prefetch"
+            results.append(r)
     if as_json:
-        click.echo(json.dumps({"trace": str(trace_file), "resident": share, "scope": scope,
+        click.echo(json.dumps({"trace": str(trace_file), "resident": share, "scope": scope, "predictor": kind,
+                               "lookahead": lookahead if kind else None, "notes": notes,
                                "results": [r.as_dict() for r in results]}))
         return
+    for n in notes:
+        err.print(f"note: {n}", markup=False, soft_wrap=True)
     table = Table(title=f"{trace_file}: {tr.num_tokens} tokens, {share:.0%} of experts resident ({scope} cache, "
                         f"{results[0].slots} slots)", title_justify="left")
-    for col in ("policy", "hit rate (bytes)", "misses / token", "miss bytes / token"):
+    for col in ("policy", "hit rate (bytes)", "misses / token", "miss bytes / token", "moved bytes / token"):
         table.add_column(col)
     for r in results:
         table.add_row(r.policy, f"{r.hit_rate_bytes:.1%}", f"{(r.accesses - r.hits) / max(r.tokens, 1):.2f}",
-                      format_size(int(r.miss_bytes_per_token)))
+                      format_size(int(r.miss_bytes_per_token)), format_size(int(r.moved_bytes_per_token)))
     Console(highlight=False).print(table)
+    if kind:
+        click.echo(f"+prefetch: {kind} routing predictor, {lookahead} MoE layer(s) ahead; a prefetched expert "
+                   "used later is a hit, and every prefetch, used or not, is in the moved bytes")
 
 
 def main(argv=None):

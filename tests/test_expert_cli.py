@@ -111,6 +111,34 @@ def test_errors_are_one_line(moe, capsys, tmp_path):
     capsys.readouterr()  # transformers' progress bars of saving the checkpoint
     _one_line_error(_run(capsys, "calibrate", dense, "--text", text_file, *LOAD), "a dense model")
     _one_line_error(_run(capsys, "trace", dense, "--text", text_file, *LOAD), "a dense model")
+    # replaying the runtime's way: the trace must keep the MoE inputs, the model must be the trace's MoE
+    tr = RoutingTrace(3, 1, {0: [[0], [1]]}, {0: [[1.0], [1.0]]}).save(tmp_path / "no-x.safetensors")
+    _one_line_error(_run(capsys, "replay", tr, "--model", model_dir), "--keep-x")
+    with_x = RoutingTrace(3, 1, {0: [[0], [1]]}, {0: [[1.0], [1.0]]}, x={0: [[0.0], [1.0]]})
+    _one_line_error(_run(capsys, "replay", with_x.save(tmp_path / "x.safetensors"), "--model", dense),
+                    "not a mixture-of-experts")
+    _one_line_error(_run(capsys, "replay", tmp_path / "x.safetensors", "--model", model_dir), "another model")
+
+
+def test_replay_the_runtime_way_with_the_model_predictor(moe, capsys, tmp_path):
+    model_dir, text_file = moe
+    out_file = tmp_path / "trace.safetensors"
+    code, out, err = _run(capsys, "trace", model_dir, "--text", text_file, "--max-tokens", 200, "--keep-x",
+                          "--out", out_file, *LOAD)
+    assert code == 0, err
+    code, out, err = _run(capsys, "replay", out_file, "--resident", "25%", "--model", model_dir, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["predictor"] in ("calibrated", "speculative") and res["lookahead"] == 1
+    rows = {r["policy"]: r for r in res["results"]}
+    assert list(rows) == ["score", "lru", "static", "belady", "score+prefetch", "lru+prefetch", "static+prefetch"]
+    for name in ("score", "lru", "static"):
+        demand, ahead = rows[name], rows[name + "+prefetch"]
+        assert demand["moved_bytes_per_token"] == pytest.approx(demand["miss_bytes_per_token"])
+        assert ahead["accesses"] == demand["accesses"]
+        assert ahead["moved_bytes_per_token"] >= ahead["miss_bytes_per_token"]  # + the prefetches
+    code, out, err = _run(capsys, "replay", out_file, "--model", model_dir, "--policies", "score,belady", "--lookahead", 2)
+    assert code == 0 and "score+pre" in out and "belady+pre" not in out and "2 MoE layer(s) ahead" in out, err
 
 
 def test_side_files_are_not_taken_for_weights():

@@ -96,6 +96,33 @@ def expert_bytes(m) -> int:
     return 3 * a.hidden_size * a.moe_intermediate_size * m.dtype.itemsize
 
 
+def replay_predictor(model_dir, trace, lookahead: int, notes: list):
+    """The routing predictor loading would give `model_dir`, for replaying `trace` the runtime's way:
+    (predictor, its depth in decoder layers for `lookahead` MoE layers). Reads the config and the
+    routers only. HeteroError when the trace was recorded on another model or kept no MoE inputs."""
+    from ..checkpoint.catalogue import Catalogue
+    from ..config import ModelArgs
+    from ..models import family_for
+    from .predictor import load_predictor
+
+    if trace.x is None:
+        raise HeteroError("the trace has no MoE inputs to predict from; record it with `hetero trace --keep-x`")
+    args = ModelArgs.from_dir(model_dir)
+    cat = Catalogue(model_dir)
+    try:
+        routers = read_routers(cat, family_for(args).build(args))
+    finally:
+        cat.close()
+    if not routers:
+        raise HeteroError(f"{model_dir}: not a mixture-of-experts model")
+    if trace.meta.get("fingerprint", model_fingerprint(model_dir, routers)) != model_fingerprint(model_dir, routers) \
+            or sorted(routers) != trace.layers:
+        raise HeteroError(f"the trace was recorded on another model than {model_dir} (config or router weights differ)")
+    moe = sorted(routers)
+    span = lookahead * max([b - a for a, b in zip(moe, moe[1:])], default=1)  # as build_manager spans it
+    return load_predictor(model_dir, routers, trace.top_k, span, notes), span
+
+
 def routers_of(m) -> dict:
     """read_routers() of a loaded OffloadedModel (from its own checkpoint catalogue)."""
     return read_routers(m.executor.store.cat, m)
