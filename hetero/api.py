@@ -64,11 +64,16 @@ class OffloadedModel:
     `model.stream(...)` for text, `model.plan` and `model.stats()`.
     """
 
-    def __init__(self, path: Path, args, tokenizer, plan, groups, executor, accountant, device, dtype, notes):
+    def __init__(self, path: Path, args, tokenizer, plan, groups, executor, accountant, device, dtype, notes,
+                 context_tokens: int | None = None):
         self.path, self.config, self.tokenizer, self.plan = path, args, tokenizer, plan
         self.groups, self.executor, self.accountant = groups, executor, accountant
         self.device, self.dtype, self.notes = device, dtype, notes
         self.generation_config = _generation_defaults(path)
+        # the longest sequence, prompt and answer together, a KV cache of this model holds: the plan's
+        # kv_tokens for the contiguous cache; a paged or retrieval cache spills to RAM and disk, so there
+        # it is the model's limit (or `context`), however little of it the compute tier keeps
+        self.context_tokens = context_tokens or plan.kv_tokens
 
     def __call__(self, input_ids, attention_mask=None, **_ignored) -> CausalLMOutput:
         """Logits for every position of `input_ids` [B, T] (no cache is kept between calls)."""
@@ -421,7 +426,7 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
             routing["extents"] = extents
         else:
             plan, _ = plan_for(extents)
-        if context is None and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
+        if context is None and not paged and plan.kv_tokens < min(DEFAULT_CONTEXT, max_ctx):
             notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
         source, planned = "plan", True
     else:
@@ -465,7 +470,8 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     say(f"loaded {path.name}: {args.model_type}, {args.num_hidden_layers} layers, {cdtype}, compute on {dev.name()}")
     for n in notes:
         say(n)
-    m = OffloadedModel(path, args, tokenizer, plan, groups, executor, acc, dev, cdtype, notes)
+    m = OffloadedModel(path, args, tokenizer, plan, groups, executor, acc, dev, cdtype, notes,
+                       max_tokens if paged else None)
     m.profile = profile  # for predicted_decode_s_per_token in stats()
     m.routing = facts
     return m

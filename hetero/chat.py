@@ -39,13 +39,13 @@ class ChatSession:
 
     def _prompt_ids(self) -> list[int]:
         """The conversation as tokens, dropping the oldest turns if it would overflow the KV cache."""
-        budget = self.model.plan.kv_tokens - self.params.max_new_tokens
+        budget = self.model.context_tokens - self.params.max_new_tokens
         system = [{"role": "system", "content": self.system}] if self.system else []
         alone = len(self.model.encode_prompt(system + self.messages[-1:]))
         if alone > budget:
             raise HeteroError(
                 f"this message is {alone} tokens; with {self.params.max_new_tokens} tokens for the answer it "
-                f"does not fit the {self.model.plan.kv_tokens}-token context; send something shorter"
+                f"does not fit the {self.model.context_tokens}-token context; send something shorter"
             )
         while True:
             ids = self.model.encode_prompt(system + self.messages)

@@ -142,7 +142,10 @@ def _load(model, vram, ram, disk_dir, dtype, device, plan_file, context, quiet):
 
 
 def _print_plan(m):
-    table = Table(title=f"placement ({m.plan.kv_tokens}-token KV cache on {m.plan.compute})", title_justify="left")
+    kv = f"{m.plan.kv_tokens}-token KV cache on {m.plan.compute}"
+    if m.context_tokens > m.plan.kv_tokens:
+        kv += f", paged up to {m.context_tokens} tokens"
+    table = Table(title=f"placement ({kv})", title_justify="left")
     for col in ("group", "tier", "size"):
         table.add_column(col)
     for row in m.plan_rows():
@@ -177,7 +180,7 @@ def _stats_json(m, gen: dict) -> dict:
         "resident_bytes": s["resident_bytes"],
         "peak_bytes": {t: v["peak_bytes"] for t, v in s["memory"].items()},
         "budget_bytes": {t: v["budget_bytes"] for t, v in s["memory"].items()},
-        "kv_tokens": m.plan.kv_tokens, "device": s["device"], "notes": s["notes"],
+        "kv_tokens": m.plan.kv_tokens, "context_tokens": m.context_tokens, "device": s["device"], "notes": s["notes"],
         "decode_disk_read_gbps": s["decode_disk_read_gbps"], "decode_io_stall_s_per_token": s["decode_io_stall_s_per_token"],
         "decode_io_hidden_fraction": s["decode_io_hidden_fraction"], "io": s["io"],
         "experts": s.get("experts"),

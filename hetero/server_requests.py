@@ -123,7 +123,7 @@ def _stop(body: dict) -> tuple:
 
 def parse_sampling(body: dict, model, n_prompt: int, param: str) -> SamplingParams:
     """Sampling from the request; unset fields take the model's generation_config.json, then OpenAI's defaults."""
-    kv = model.plan.kv_tokens
+    kv = model.context_tokens
     room = kv - n_prompt
     if room < 1:
         raise bad_request(f"the prompt is {n_prompt} tokens, and this server's context holds {kv} tokens for the prompt "

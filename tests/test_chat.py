@@ -49,6 +49,16 @@ def test_old_turns_are_dropped_when_the_context_is_full(smol):
     assert s.messages[-1]["role"] == "assistant"  # the refused message left no trace
 
 
+def test_a_paged_kv_cache_keeps_the_turns_past_its_device_share(smollm2_dir):
+    m = hetero.load_offloaded(smollm2_dir, ram="1GB", context=2048, kv_budget="17MB")
+    assert m.plan.kv_tokens < 600 and m.context_tokens == 2048
+    s = ChatSession(m, _params(m, n=4))
+    for _ in range(2):
+        "".join(s.send("tell me about the sea " * 60))  # ~360 tokens a turn
+    assert s.dropped_turns == 0 and len(s.messages) == 4
+    assert len(m.encode_prompt(s.messages)) > m.plan.kv_tokens
+
+
 def test_repl_loop_with_scripted_input(smol):
     lines = iter(["/help", "What is the capital of France?", "/exit"])
     out = []

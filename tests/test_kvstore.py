@@ -150,3 +150,33 @@ def test_lse_merge_is_attention_over_the_union():
 def test_causal_mask_with_window():
     m = causal_mask(torch.tensor([5]), torch.arange(8), window=3)
     assert m.tolist() == [[False, False, False, True, True, True, False, False]]
+
+
+def test_a_paged_cache_holds_the_models_context_not_the_budgets(tmp_path):
+    from types import SimpleNamespace
+
+    from hetero.server_requests import ApiError, parse_sampling
+
+    model_dir, _ = tiny_checkpoint(tmp_path, "qwen2")  # max_position_embeddings 256
+    exact = load_offloaded(model_dir, device="cpu", context=64)
+    pagedm = load_offloaded(model_dir, device="cpu", kv_budget=_budget(2, 5 * BLOCK))
+    limited = load_offloaded(model_dir, device="cpu", kv_budget=_budget(2, 5 * BLOCK), context=100)
+    assert exact.context_tokens == exact.plan.kv_tokens == 64
+    assert pagedm.plan.kv_tokens < 100 and pagedm.context_tokens == 256 and limited.context_tokens == 100
+    assert not any("context limited" in n for n in pagedm.notes)  # only the device's share is, and it pages
+    # a sequence past the compute tier's share runs; one past the limit gets the cache's clear error
+    ids = torch.randint(2, VOCAB - 1, (1, 101), generator=torch.Generator().manual_seed(3))
+    cache = limited.executor.new_cache()
+    limited.executor.forward(ids[:, :100], cache)
+    with pytest.raises(HeteroError, match="exceeds the 100-token limit"):
+        limited.executor.forward(ids[:, 100:], cache)
+    cache.free()
+    # the server (and the chat) budget a conversation by the same figure
+    for m, n_prompt, ok in ((pagedm, pagedm.plan.kv_tokens + 10, True), (exact, 64, False)):
+        stand_in = SimpleNamespace(context_tokens=m.context_tokens, generation_config={},
+                                   tokenizer=SimpleNamespace(eos_token_ids=[EOS]))
+        if ok:
+            assert parse_sampling({}, stand_in, n_prompt, "messages").max_new_tokens == 256 - n_prompt
+        else:
+            with pytest.raises(ApiError):
+                parse_sampling({}, stand_in, n_prompt, "messages")

@@ -184,7 +184,7 @@ def record_ids(m, ids: list, keep_x: bool = False, chunk: int = CHUNK, progress=
     ex = m.executor
     ex.routing_observers.append(rec)
     cache = ex.new_cache()
-    room = m.plan.kv_tokens
+    room = m.context_tokens
     chunk = max(1, min(chunk, room))
     done = 0
     try:
