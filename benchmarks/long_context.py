@@ -122,7 +122,7 @@ def index_sweeps(D):
     yield "query-routed nprobe=4", lambda: _OneHead(QueryRoutedIndex(D, 32, 128, 4, 1024))
     for s in (0.1, 0.2, 0.3):
         yield f"keys-only ivf scan={s}", lambda s=s: WhitenedIVF(1, D, scan=s, whiten=False)
-    for s in (0.05, 0.1, 0.2, 0.3):
+    for s in (0.05, 0.1, 0.2, 0.3, 0.5):
         yield f"query-whitened scan={s}", lambda s=s: WhitenedIVF(1, D, scan=s)
 
 
