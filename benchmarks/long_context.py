@@ -20,7 +20,7 @@ The text is local (the licence texts in /usr/share/common-licenses, then Python'
 downloaded. On 2 cores a full run takes several minutes; what is subsampled is printed.
 
     python benchmarks/long_context.py [--tokens 8192] [--layers 3,10,16,22,28] [--decode 32] [--needles 1]
-                                      [--decode-only | --sweep-only]
+                                      [--decode-only | --sweep-only | --agreement-only [--scans 0.3,0.5]]
 """
 
 import argparse
@@ -204,26 +204,54 @@ def runtime_cosines(rec, n_queries, rng) -> dict:
 
 # ------------------------------------------------------------ 4-5: end to end
 
-def top1(m, ids, n_decode, top_k=None):
-    """Teacher-forced over the last n_decode tokens: each step's top-1 next token, and the share of keys
-    scanned (None for exact). top_k: None, the runtime's default (every scanned key); an int, the
-    retrieval cache's top-k path."""
+def step_logits(m, ids, n_decode, top_k=None) -> tuple[torch.Tensor, float | None]:
+    """Teacher-forced over the last n_decode tokens: each step's next-token logits [n_decode, V], and the
+    share of keys scanned (None for exact). top_k: None, the runtime's default (every scanned key); an
+    int, the retrieval cache's top-k path."""
     cache = m.executor.new_cache()
     if hasattr(cache, "top_k"):  # a retrieval cache
         cache.top_k = top_k
     ex = m.executor
-    top = [int(ex.forward(torch.tensor([ids[:-n_decode]]), cache, last_only=True)[0, -1].argmax())]
+    out = [ex.forward(torch.tensor([ids[:-n_decode]]), cache, last_only=True)[0, -1]]
     for t in ids[-n_decode:-1]:
-        top.append(int(ex.forward(torch.tensor([[t]]), cache)[0, -1].argmax()))
+        out.append(ex.forward(torch.tensor([[t]]), cache)[0, -1])
     scanned = cache.scanned_fraction() if hasattr(cache, "scanned_fraction") else None
     cache.free()
-    return np.array(top), scanned
+    return torch.stack(out), scanned
+
+
+def top1(m, ids, n_decode, top_k=None):
+    """Each step's top-1 next token (step_logits), and the share of keys scanned."""
+    logits, scanned = step_logits(m, ids, n_decode, top_k)
+    return logits.argmax(1).numpy(), scanned
 
 
 def agreement(exact_top, retr, ids, n_decode, top_k=None):
     """Share of steps whose top-1 agrees with exact attention's (exact_top, from top1), and the share scanned."""
     top, scanned = top1(retr, ids, n_decode, top_k)
     return float(np.mean(top == exact_top)), scanned
+
+
+def scan_agreement(exact, retr, ids, n_decode, scans):
+    """Top-1 agreement and mean KL(exact || retrieval) of the next-token distributions, for each share of
+    the off-device keys the retrieval index scans (retrieval.SCAN, read when a cache is made), and the
+    exact logit margin (top-1 minus top-2) at the steps that disagree."""
+    ref, _ = step_logits(exact, ids, n_decode)
+    margin = (lambda t: t[:, 0] - t[:, 1])(torch.topk(ref, 2, dim=1).values)
+    logp = torch.log_softmax(ref, 1)
+    default = retrieval.SCAN
+    for scan in scans:
+        retrieval.SCAN = scan
+        try:
+            got, _ = step_logits(retr, ids, n_decode)
+        finally:
+            retrieval.SCAN = default
+        agree = got.argmax(1) == ref.argmax(1)
+        kl = (logp.exp() * (logp - torch.log_softmax(got, 1))).sum(1).mean().item()
+        print(f"scan={scan}: top-1 agreement {agree.float().mean().item() * 100:.1f}% over {n_decode} steps, "
+              f"KL {kl:.4f}; exact's margin where they disagree: "
+              f"{', '.join(f'{x:.3f}' for x in margin[~agree].tolist()) or '-'} (median margin {margin.median().item():.2f})",
+              flush=True)
 
 
 def needle_prompt(tok, n_tokens, rng):
@@ -396,6 +424,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-only", action="store_true", help="only the 4K vs 128K decode microbenchmark")
     ap.add_argument("--sweep-only", action="store_true", help="only the 128K recall-vs-scanned sweep")
+    ap.add_argument("--agreement-only", action="store_true",
+                    help="only the top-1 agreement (and KL) of the runtime's retrieval, for each --scans share")
+    ap.add_argument("--scans", default=None, help="with --agreement-only: shares of the off-device keys scanned, "
+                                                   "comma-separated (default: the runtime's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     faiss.omp_set_num_threads(a.threads)
@@ -412,6 +444,10 @@ def main():
     ctx = 8192
     exact = load_offloaded(path, device="cpu", context=ctx)
     text_ids = exact.tokenizer.encode(local_text())[:a.tokens]
+    if a.agreement_only:
+        scan_agreement(exact, load_offloaded(path, device="cpu", attention="retrieval", context=ctx, kv_budget="17MB"),
+                       text_ids, a.decode, [float(x) for x in a.scans.split(",")] if a.scans else [retrieval.SCAN])
+        return
     out = {"tokens": len(text_ids), "k": K_TOP, "layers": a.layers, "queries_per_head": a.queries}
 
     t0 = time.perf_counter()
