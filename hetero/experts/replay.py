@@ -7,7 +7,8 @@ cache is full). Hit rate is by bytes: the share of the needed expert bytes alrea
 
     score, lru, static   the runtime's policies (experts/policy.py)
     belady               Belady's optimum: evict the resident expert whose next use is farthest
-                         away (it needs the future, so it lives here, not in the runtime)
+                         away, or cache nothing when the miss's own is farther still (it needs
+                         the future, so it lives here, not in the runtime)
 
 With a routing predictor (a trace with its MoE inputs kept), a policy runs as the runtime's expert
 manager runs it: at each (token, layer) the experts predicted for the next `lookahead` layers are
@@ -103,7 +104,9 @@ def _next_uses(trace) -> list:
 
 
 class _Belady:
-    """Farthest next use first, with a lazy max-heap per cache (stale entries skipped on pop)."""
+    """Farthest next use first, with a lazy max-heap per cache (stale entries skipped on pop). A miss
+    whose own next use is at least as far as every candidate's is not cached at all (bypassed): the
+    online policies may leave a miss out too, so the optimum they are held to must be allowed to."""
 
     def __init__(self):
         self.next, self.heaps = {}, {}
@@ -112,7 +115,9 @@ class _Belady:
         self.next[key] = next_use
         heapq.heappush(self.heaps.setdefault(cache, []), (-next_use, key))
 
-    def victim(self, cache, resident: set, protected: set):
+    def victim(self, cache, resident: set, protected: set, incoming: float = NEVER):
+        """The unprotected resident key needed farthest away, if farther than `incoming` (the missing
+        key's next use); else None (bypass)."""
         heap, held, out = self.heaps.get(cache, []), [], None
         while heap:
             neg, key = heapq.heappop(heap)
@@ -122,6 +127,9 @@ class _Belady:
                 held.append((neg, key))
                 continue
             out = key
+            if -neg <= incoming:  # the missing key is needed no sooner than it: keep it, cache nothing
+                held.append((neg, key))
+                out = None
             break
         for item in held:
             heapq.heappush(heap, item)
@@ -220,7 +228,7 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
             else:
                 moved += b
                 if len(held) >= cap:
-                    v = bel.victim(cache, held, protected) if bel else pol.victim(list(held), protected)
+                    v = bel.victim(cache, held, protected, nexts[acc]) if bel else pol.victim(list(held), protected)
                     if v is not None:
                         held.discard(v)
                 if len(held) < cap:
