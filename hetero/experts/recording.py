@@ -115,8 +115,8 @@ def replay_predictor(model_dir, trace, lookahead: int, notes: list):
         cat.close()
     if not routers:
         raise HeteroError(f"{model_dir}: not a mixture-of-experts model")
-    if trace.meta.get("fingerprint", model_fingerprint(model_dir, routers)) != model_fingerprint(model_dir, routers) \
-            or sorted(routers) != trace.layers:
+    fp = model_fingerprint(model_dir, routers)
+    if trace.meta.get("fingerprint", fp) != fp or sorted(routers) != trace.layers:
         raise HeteroError(f"the trace was recorded on another model than {model_dir} (config or router weights differ)")
     moe = sorted(routers)
     span = lookahead * max([b - a for a, b in zip(moe, moe[1:])], default=1)  # as build_manager spans it

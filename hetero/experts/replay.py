@@ -238,17 +238,18 @@ def replay(trace, policy: str, resident: float = 0.3, scope: str = "global", fre
             else:
                 pol.touch(key, w)
             acc += 1
-        for q, key in sorted(predicted, reverse=True) if prefetch else ():
-            held, cap = res[None if scope == "global" else key[0]], caps[None if scope == "global" else key[0]]
-            if key in held:
+        for q, key in sorted(predicted, reverse=True) if prefetch else ():  # most likely first, as the manager
+            target = None if scope == "global" else key[0]
+            into = res[target]
+            if key in into:
                 continue
-            if len(held) >= cap:  # as ExpertCache.make_room with the manager's admission rule
-                v = pol.victim(list(held), protected)
+            if len(into) >= caps[target]:  # as ExpertCache.make_room with the manager's admission rule
+                v = pol.victim(list(into), protected)
                 wait = getattr(pol, "expected_wait", None)
                 if v is None or (wait is not None and pol.wait(v) <= wait(key, q)):
                     continue
-                held.discard(v)
-            held.add(key)
+                into.discard(v)
+            into.add(key)
             moved += nbytes[key[0]]
     return ReplayResult(policy, scope, sum(caps.values()), acc, hits, hit_b, tot_b, trace.num_tokens, moved)
 
