@@ -293,6 +293,17 @@ def hidden_states(n, g, structured: bool, C=256, vocab=8192, topics=64, span=512
     return words[tok] + 0.7 * topic.repeat_interleave(span, 0)[:n] + 0.3 * torch.randn(n, C, generator=g)
 
 
+def synthetic_qkv(n: int, structured: bool, H: int, K: int, D: int, seed: int):
+    """q [1, H, n, D], k and v [1, K, n, D]: separate random projections of the same hidden_states."""
+    g = torch.Generator().manual_seed(seed)
+    x = hidden_states(n, g, structured)
+    C = x.shape[1]
+    wq, wk, wv = (torch.randn(C, m * D, generator=g) / C ** 0.5 for m in (H, K, K))
+    q = (x @ wq).view(-1, H, D).transpose(0, 1)[None].contiguous()
+    k, v = ((x @ w).view(-1, K, D).transpose(0, 1)[None].contiguous() for w in (wk, wv))
+    return q, k, v
+
+
 class DecodeBench:
     """One layer's decode steps with S cached keys: exact SDPA vs retrieval, and retrieval's recall.
 
@@ -311,13 +322,8 @@ class DecodeBench:
     """
 
     def __init__(self, S, rounds, H=9, K=3, D=64, seed=0, structured=False):
-        g = torch.Generator().manual_seed(seed)
         self.S, n = S, S + rounds * BLOCK
-        x = hidden_states(n, g, structured)
-        C = x.shape[1]
-        wq, wk, wv = (torch.randn(C, m * D, generator=g) / C ** 0.5 for m in (H, K, K))
-        self.q = (x @ wq).view(-1, H, D).transpose(0, 1)[None].contiguous()  # [1, H, n, D]
-        self.k, self.v = ((x @ w).view(-1, K, D).transpose(0, 1)[None].contiguous() for w in (wk, wv))  # [1, K, n, D]
+        self.q, self.k, self.v = synthetic_qkv(n, structured, H, K, D, seed)  # [1, H, n, D], [1, K, n, D] x2
         self.K, self.G, self.D, self.scale = K, H // K, D, D ** -0.5
         block = 2 * K * BLOCK * D * 4
         resident = (SINK_BLOCKS + RECENT_BLOCKS + STAGE_BLOCKS) * block  # the sinks, the window and the staging
@@ -383,12 +389,9 @@ def recall_sweep(structured: bool, S: int = 131072, scans=(0.01, 0.02, 0.05), cl
     """Recall@K_TOP against keys scanned (the cluster ranking counted) of the query-whitened IVF at S keys,
     synthetic q/k from separate projections (as DecodeBench), below the runtime's scan share: how far
     the index is from the issue's 5%."""
-    g = torch.Generator().manual_seed(seed)
-    x = hidden_states(S + n_queries, g, structured)
-    C, G = x.shape[1], H // K
-    wq, wk = (torch.randn(C, m * D, generator=g) / C ** 0.5 for m in (H, K))
-    q = (x @ wq).view(-1, H, D).transpose(0, 1).contiguous().numpy()  # [H, n, D]
-    k = (x @ wk).view(-1, K, D).transpose(0, 1).contiguous().numpy()  # [K, n, D]
+    G = H // K
+    q, k, _ = synthetic_qkv(S + n_queries, structured, H, K, D, seed)
+    q, k = q[0].numpy(), k[0].numpy()  # [H, n, D], [K, n, D]
     qs = [q[:, S + j].reshape(K, G, D) for j in range(n_queries)]  # decode queries, [K, G, D] each
     exact = [np.argpartition(-np.einsum("kgd,knd->kgn", qq, k[:, :S]), K_TOP - 1, axis=-1)[..., :K_TOP] for qq in qs]
     rows = []

@@ -27,18 +27,10 @@ def main():
     a = ap.parse_args()
 
     import plan_accuracy
-    from hetero.checkpoint.catalogue import Catalogue
-    from hetero.config import ModelArgs
-    from hetero.experts.predictor import any_token_probability, load_predictor, read_routers
-    from hetero.models import family_for
+    from hetero.experts.predictor import any_token_probability, checkpoint_routers, load_predictor
 
     path = plan_accuracy.trained_moe()
-    args = ModelArgs.from_dir(path)
-    cat = Catalogue(path)
-    try:
-        routers = read_routers(cat, family_for(args).build(args))
-    finally:
-        cat.close()
+    args, routers = checkpoint_routers(path)
     torch.set_num_threads(2)
     x = torch.randn(1, args.hidden_size, generator=torch.Generator().manual_seed(0))  # one decoded token
     print(f"{path.name}: {len(routers)} MoE layers, {args.num_experts} experts, top-{args.num_experts_per_tok}")

@@ -6,25 +6,16 @@ import pytest
 import torch
 
 import hetero
-from hetero.checkpoint.catalogue import Catalogue
-from hetero.config import ModelArgs
 from hetero.errors import HeteroError
 from hetero.experts.predictor import (PREDICTOR_FILE, LinearPredictor, SpeculativeGating, any_token_probability,
-                                      load_predictor, model_fingerprint, pick_probability, read_routers)
+                                      checkpoint_routers, load_predictor, model_fingerprint, pick_probability)
 from hetero.experts.trace import TraceRecorder
-from hetero.models import family_for
 from helpers import edit_config, spread_plan, tiny_checkpoint
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
-def _routers(model_dir):
-    args = ModelArgs.from_dir(model_dir)
-    cat = Catalogue(model_dir)
-    try:
-        return args, read_routers(cat, family_for(args).build(args))
-    finally:
-        cat.close()
+_routers = checkpoint_routers  # (args, routers) of a checkpoint directory
 
 
 def _recorded(model_dir, T=12):

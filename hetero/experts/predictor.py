@@ -246,6 +246,21 @@ class LinearPredictor(SpeculativeGating):
         return cls(routers, top_k, lookahead, maps, scales, meta.get("fingerprint", ""), meta.get("meta"))
 
 
+def checkpoint_routers(model_dir) -> tuple:
+    """(ModelArgs, read_routers(...)) of a model directory, from its config and router tensors alone
+    (no model is loaded; the module names come from the family's meta-weight build)."""
+    from ..checkpoint.catalogue import Catalogue
+    from ..config import ModelArgs
+    from ..models import family_for
+
+    args = ModelArgs.from_dir(model_dir)
+    cat = Catalogue(model_dir)
+    try:
+        return args, read_routers(cat, family_for(args).build(args))
+    finally:
+        cat.close()
+
+
 def model_fingerprint(model_dir: Path, routers: dict[int, torch.Tensor]) -> str:
     """A short hash of config.json (parsed, key order ignored) and the router weights' bytes.
 

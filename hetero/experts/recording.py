@@ -100,19 +100,11 @@ def replay_predictor(model_dir, trace, lookahead: int, notes: list):
     """The routing predictor loading would give `model_dir`, for replaying `trace` the runtime's way:
     (predictor, its depth in decoder layers for `lookahead` MoE layers). Reads the config and the
     routers only. HeteroError when the trace was recorded on another model or kept no MoE inputs."""
-    from ..checkpoint.catalogue import Catalogue
-    from ..config import ModelArgs
-    from ..models import family_for
-    from .predictor import load_predictor
+    from .predictor import checkpoint_routers, load_predictor
 
     if trace.x is None:
         raise HeteroError("the trace has no MoE inputs to predict from; record it with `hetero trace --keep-x`")
-    args = ModelArgs.from_dir(model_dir)
-    cat = Catalogue(model_dir)
-    try:
-        routers = read_routers(cat, family_for(args).build(args))
-    finally:
-        cat.close()
+    _, routers = checkpoint_routers(model_dir)
     if not routers:
         raise HeteroError(f"{model_dir}: not a mixture-of-experts model")
     fp = model_fingerprint(model_dir, routers)
