@@ -111,8 +111,8 @@ def compute_now(profile, desc) -> dict:
 
 
 def routing_workload(base, path: Path):
-    """(the Workload as the runtime knows it for this model, whether a routing trace placed its experts):
-    for an MoE with a trace and predictor beside it, what load_offloaded passes the cost model."""
+    """The Workload as the runtime knows it for this model: for an MoE with a trace and predictor beside
+    it, what load_offloaded passes the cost model (its expert_freq places the experts)."""
     from hetero import api
     from hetero.checkpoint.catalogue import Catalogue
     from hetero.config import ModelArgs
@@ -121,13 +121,13 @@ def routing_workload(base, path: Path):
     args = ModelArgs.from_dir(path)
     model = family_for(args).build(args)
     if not model.moe_blocks():
-        return base, False
+        return base
     cat = Catalogue(path)
     try:
         facts = api._routing_facts(path, cat, model, True, "score", [])
     finally:
         cat.close()
-    return replace(base, **facts), facts["routing_trace"] is not None
+    return replace(base, **facts)
 
 
 def others_busy(window: float = 0.5) -> float:
@@ -246,11 +246,11 @@ def main():
     runs = []  # one per (model, scenario, planner)
     for name, path in paths.items():
         desc = descs[name]
-        workload, known = routing_workload(base, path)
+        workload = routing_workload(base, path)
         for scenario, ram in budgets_for(name, desc.total_bytes).items():
             for planner in ("cost", "greedy"):
                 plan, pred = make_plan(desc, {"cpu": ram}, "cpu", CONTEXT, True, profile, workload, planner,
-                                       routing_known=known)
+                                       expert_freq=workload.expert_freq)
                 same = next((r for r in runs if r["model"] == name and r["scenario"] == scenario
                              and r["plan"].tiers == plan.tiers), None)
                 resident = {t: sum(g.nbytes for g in desc.groups if plan.tiers[g.name] == t) for t in ("cpu", "disk")}
@@ -268,7 +268,7 @@ def main():
             desc = descs[r["model"]]
             disk = probes.disk_read(str(biggest), quick=True)  # this moment's cold reads, of this model's file
             now_profile = replace(profile, disk_read=disk, compute=compute_now(profile, desc))
-            now = predict(desc, r["plan"], now_profile, routing_workload(base, paths[r["model"]])[0]).decode_s_per_token
+            now = predict(desc, r["plan"], now_profile, routing_workload(base, paths[r["model"]])).decode_s_per_token
             cpu, io = wait_quiet(args.wait_quiet)
             r.setdefault("busy", []).append(cpu)
             r.setdefault("disk_busy", []).append(io)

@@ -404,7 +404,7 @@ def load_offloaded(path_or_name, vram=None, ram=None, disk_dir=None, dtype=None,
     model = fam.build(args)  # meta weights: module names and shapes, nothing read yet
     facts = _routing_facts(path, cat, model, prefetch, expert_policy, notes)
     freq = facts.get("expert_freq")
-    routing = dict(extents=extents, expert_cache=expert_cache, routing_known=freq is not None)
+    routing = dict(extents=extents, expert_cache=expert_cache, expert_freq=freq)
     if plan is None:
         # a budget below the minimum is refused before any seconds go into measuring the machine
         greedy_plan(groups, args, cdtype, budgets, dev.compute_tier, context or min(DEFAULT_CONTEXT, max_ctx),

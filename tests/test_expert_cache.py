@@ -178,7 +178,8 @@ def test_greedy_takes_a_default_cache_from_the_budget_only_when_experts_do_not_f
     budget = need + total // 2
     tight = greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, fixed_context=True)
     assert any(t == "disk" for t in tight.tiers.values())
-    slots = default_expert_cache(groups, args, "cpu", {"cpu": budget - need, "gpu": 0})["cpu"]
+    at_depth = minimum_bytes(groups, args, torch.float32, "cpu", 256, tight.depth)["cpu"]  # what the plan reserves
+    slots = default_expert_cache(groups, args, "cpu", {"cpu": budget - at_depth, "gpu": 0})["cpu"]
     assert tight.expert_cache == {"cpu": slots} and slots >= 1
     use = tier_usage(groups, tight, args, torch.float32)
     assert use["cpu"]["expert_cache"] > 0 and sum(use["cpu"].values()) <= budget
@@ -190,6 +191,31 @@ def test_greedy_takes_a_default_cache_from_the_budget_only_when_experts_do_not_f
     assert greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, True, expert_cache=0).expert_cache == {}
     with pytest.raises(HeteroError, match="expert cache of 1000 slots"):
         greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, True, expert_cache=1000)
+
+
+def test_without_a_trace_the_cache_takes_what_the_dense_groups_leave_and_a_trace_ranks_hot_experts_first(moe):
+    """Under the uniform prior the dense groups (read by every token) stay in RAM and the rest of the
+    room is expert cache, not homes fixed by an arbitrary order; with frequencies the hot experts are
+    homed in RAM first and the cache is the small share."""
+    _, args, groups = moe
+    assert not args.tie_word_embeddings  # an untied embedding is only gathered row by row: left on disk
+    dense = sum(g.nbytes for g in groups if g.kind not in ("expert", "norms", "embed"))
+    experts = [g for g in groups if g.kind == "expert"]
+    slot = expert_slot_bytes(groups)["cpu"]
+    need = minimum_bytes(groups, args, torch.float32, "cpu", 256, 4)["cpu"]
+    budget = need + dense + len(experts) * slot // 2
+    plan = greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, fixed_context=True)
+    assert all(plan.tiers[g.name] == "cpu" for g in groups if g.kind not in ("expert", "embed"))
+    homed = sum(plan.tiers[g.name] == "cpu" for g in experts)
+    assert plan.expert_cache["cpu"] >= len(experts) // 2 - 1 and homed <= 1, (plan.expert_cache, homed)
+    assert sum(tier_usage(groups, plan, args, torch.float32)["cpu"].values()) <= budget
+    E, moe_layers = args.num_experts, sorted({g.layer for g in experts})
+    freq = np.tile(np.arange(E) / E, (len(moe_layers), 1))  # the last expert hottest: against execution order
+    known = greedy_plan(groups, args, torch.float32, {"cpu": budget}, "cpu", 256, fixed_context=True, expert_freq=freq)
+    assert known.expert_cache["cpu"] < plan.expert_cache["cpu"]
+    ram = [freq[moe_layers.index(g.layer), g.expert] for g in experts if known.tiers[g.name] == "cpu"]
+    disk = [freq[moe_layers.index(g.layer), g.expert] for g in experts if known.tiers[g.name] == "disk"]
+    assert ram and disk and min(ram) >= max(disk), (ram, disk)  # in execution order expert 0, the coldest, came first
 
 
 def test_gpu_plans_cache_on_both_tiers_within_budgets(moe):

@@ -168,24 +168,28 @@ def _interp(table, n: int) -> float:
 
 def expert_probs(desc: ModelDesc, workload: Workload) -> dict:
     """(layer, expert) -> probability that one token picks that expert (Workload.expert_freq, else uniform)."""
-    a = desc.args
-    if not a.num_experts:
+    return group_expert_probs(desc.groups, desc.args, workload.expert_freq)
+
+
+def group_expert_probs(groups, args, freq) -> dict:
+    """expert_probs for the expert groups of `groups`, from frequencies `freq` ([MoE layers, E] or a dict
+    layer -> [E]; None: the uniform prior top_k / E)."""
+    if not args.num_experts:
         return {}
-    moe = sorted({g.layer for g in desc.groups if g.kind == "expert"})
-    freq = workload.expert_freq
+    moe = sorted({g.layer for g in groups if g.kind == "expert"})
     rows = {}
     if freq is not None:
         if isinstance(freq, dict):
             rows = {int(k): v for k, v in freq.items()}
         else:
             arr = np.asarray(freq, dtype=float)
-            if arr.ndim != 2 or arr.shape != (len(moe), a.num_experts):
+            if arr.ndim != 2 or arr.shape != (len(moe), args.num_experts):
                 raise HeteroError(f"expert frequencies of shape {list(arr.shape)} do not fit this model's "
-                                  f"{len(moe)} MoE layers of {a.num_experts} experts")
+                                  f"{len(moe)} MoE layers of {args.num_experts} experts")
             rows = dict(zip(moe, arr))
-    uniform = a.num_experts_per_tok / a.num_experts
+    uniform = args.num_experts_per_tok / args.num_experts
     out = {}
-    for g in desc.groups:
+    for g in groups:
         if g.kind == "expert":
             row = rows.get(g.layer)
             out[(g.layer, g.expert)] = min(1.0, max(0.0, float(row[g.expert]))) if row is not None else uniform

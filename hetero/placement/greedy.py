@@ -17,14 +17,18 @@ READAHEAD_BYTES = 64 * 2**20
 MAX_DEPTH = 4
 DEPTH_BUDGET_SHARE = 0.125
 # Expert caches by default, when an MoE model does not fit on a tier: slots for the experts of the
-# layer computing and of MAX_LOOKAHEAD layers predicted ahead (top_k each), plus a share of the
-# tier's free budget, never more than EXPERT_CACHE_MAX_SHARE of it — a byte of cache serves
-# whichever experts the routing wants now, a byte of resident expert only the one placed there.
-# The share is EXPERT_CACHE_SHARE when a routing trace placed the homes by frequency, and
-# EXPERT_CACHE_MAX_SHARE when homes could only be placed on a uniform prior (then the cache is what
-# follows the routing; compare the hetero and hetero-calibrated contenders of benchmarks/moe_offload.py).
+# layer computing and of MAX_LOOKAHEAD layers predicted ahead (top_k each), and then
+#  - when a routing trace placed the homes by frequency: EXPERT_CACHE_SHARE of the tier's free budget,
+#    never more than EXPERT_CACHE_MAX_SHARE of it;
+#  - when homes could only be placed on a uniform prior: all the free budget the dense groups (read by
+#    every token) leave, up to EXPERT_CACHE_UNIFORM_SHARE of it. A byte of cache serves whichever
+#    experts the routing wants now, a byte of resident expert only the one placed there. On the widened
+#    MoE fixture (benchmarks/moe_offload.py --only hetero, 654 MiB of RAM) the disk read 0.411 GB/token
+#    with half the budget as cache (62 slots), 0.336 with 111 (half the dense groups then on disk),
+#    0.367 with 120 (more of them on disk), 0.309 with the dense groups all in RAM and 103 slots.
 EXPERT_CACHE_SHARE = 0.1
 EXPERT_CACHE_MAX_SHARE = 0.5
+EXPERT_CACHE_UNIFORM_SHARE = 0.9
 
 
 def size_depth(groups: list[Group]) -> int:
@@ -71,6 +75,8 @@ def default_expert_cache(groups: list[Group], args, compute: str, free: dict, ex
     total = sum(g.nbytes for g in groups if g.kind != "norms")
     slot = expert_slot_bytes(groups, extents)
     base = (args.num_experts_per_tok or 1) * (1 + MAX_LOOKAHEAD)
+    # what the dense groups would hold: an untied embedding is gathered row by row, left to the disk first
+    dense = sum(g.nbytes for g in groups if g.kind not in ("expert", "norms") and (args.tie_word_embeddings or g.kind != "embed"))
     out = {}
     gpu_free = free.get("gpu") if compute == "gpu" else 0
     spills = {"gpu": compute == "gpu" and gpu_free is not None and gpu_free < total,
@@ -79,8 +85,13 @@ def default_expert_cache(groups: list[Group], args, compute: str, free: dict, ex
         if not spills[t]:
             continue
         room = free[t] - (predictor_bytes(groups, args) if t == "cpu" else 0)
-        share = EXPERT_CACHE_SHARE if routing_known else EXPERT_CACHE_MAX_SHARE
-        n = min(len(experts), base + int(share * room / slot[t]), int(EXPERT_CACHE_MAX_SHARE * room / slot[t]))
+        held = min(dense, max(0, room))  # the dense bytes this tier would hold (the gpu's first)
+        dense -= held
+        if routing_known:
+            want = min(base + int(EXPERT_CACHE_SHARE * room / slot[t]), int(EXPERT_CACHE_MAX_SHARE * room / slot[t]))
+        else:
+            want = min(max(base, int((room - held) / slot[t])), int(EXPERT_CACHE_UNIFORM_SHARE * room / slot[t]))
+        n = min(len(experts), want)
         if n > 0:
             out[t] = n
     return out
@@ -113,6 +124,7 @@ def expert_cache_slots(spec, groups: list[Group], args, compute: str, free: dict
 def greedy_plan(
     groups: list[Group], args, dtype, budgets: dict, compute: str, context: int, fixed_context: bool = False,
     depth: int | None = None, extents: dict | None = None, expert_cache=None, routing_known: bool = False,
+    expert_freq=None,
 ) -> Plan:
     """Place groups greedily within the budgets.
 
@@ -128,6 +140,8 @@ def greedy_plan(
             home is placed, and dropped afterwards from a tier whose cache the placement does not use.
         routing_known: experts are placed by measured activation frequencies (a routing trace), so
             the default cache can be smaller (default_expert_cache).
+        expert_freq: those frequencies (cost.Workload.expert_freq; implies routing_known): the experts
+            are then placed most used first, else in execution order.
     Returns:
         A Plan that fits the budgets.
     Raises:
@@ -157,7 +171,7 @@ def greedy_plan(
         depth -= 1
     need = minimum_bytes(groups, args, dtype, compute, ctx, depth, extents)
     free = {t: (None if budgets[t] is None else budgets[t] - need.get(t, 0)) for t in budgets}
-    cache = expert_cache_slots(expert_cache, groups, args, compute, free, extents, routing_known)
+    cache = expert_cache_slots(expert_cache, groups, args, compute, free, extents, routing_known or expert_freq is not None)
     if any(cache.values()):
         slot = expert_slot_bytes(groups, extents)
         for t, n in cache.items():
@@ -171,9 +185,17 @@ def greedy_plan(
             raise HeteroError(f"an expert cache of {cache[t]} slots ({format_size(cache[t] * slot[t])}) does not fit "
                               f"in the {t} budget beside the minimum working set; ask for a smaller one")
     order = ["gpu", "cpu"] if compute == "gpu" else ["cpu"]
-    # an untied embedding is only gathered row by row, so it is the cheapest thing to leave on disk
+    # in execution order, but what every token reads before the experts, which each token reads a few
+    # of (and which the expert cache serves), and an untied embedding, only gathered row by row, last
     tied = args.tie_word_embeddings
-    ranked = [g for g in groups if g.kind != "norms" and (tied or g.kind != "embed")]
+    ranked = [g for g in groups if g.kind not in ("norms", "expert") and (tied or g.kind != "embed")]
+    experts = [g for g in groups if g.kind == "expert"]
+    if expert_freq is not None:
+        from .cost import group_expert_probs
+
+        p = group_expert_probs(groups, args, expert_freq)
+        experts.sort(key=lambda g: -p[(g.layer, g.expert)])  # stable: ties stay in execution order
+    ranked += experts
     ranked += [g for g in groups if g.kind == "embed" and not tied]
     tiers = {g.name: compute for g in groups if g.kind == "norms"}
     for g in ranked:

@@ -206,13 +206,15 @@ def plan_model(desc: ModelDesc, budgets: dict, compute: str, context: int, profi
         tabs: cost.tables(desc, profile, workload, compute), when the caller has them already.
         tie: greedy's plan is kept unless ours is predicted faster by more than this share (0: the
             optimiser's plan whenever it is predicted faster at all).
-        staging: passed on to greedy_plan / tier_usage (e.g. the pack's extents).
+        staging: passed on to greedy_plan / tier_usage (e.g. the pack's extents; expert_freq defaults to
+            the workload's).
     Returns:
         A Plan that validates against the budgets.
     Raises:
         HeteroError: the budgets are below the minimum working set (the message names it).
     """
     groups, args, dtype = list(desc.groups), desc.args, desc.dtype
+    staging.setdefault("expert_freq", workload.expert_freq)  # measured frequencies place the homes
     base = greedy_plan(groups, args, dtype, budgets, compute, context, fixed_context, **staging)
     if workload.extents is None and staging.get("extents"):  # read sizes as the pack lays them out
         workload = replace(workload, extents=staging["extents"])

@@ -20,7 +20,7 @@ def make_plan(desc: ModelDesc, budgets: dict, compute: str, context: int, fixed_
               workload: Workload, planner: str = "cost", prefill_weight: float = 0.0, **staging):
     """(plan, prediction) for `desc` within `budgets` by the named planner ("cost" or "greedy").
 
-    staging: passed on to greedy_plan (e.g. routing_known=True when experts are placed by a trace)."""
+    staging: passed on to greedy_plan (e.g. expert_freq when experts are placed by a trace)."""
     tabs = tables(desc, profile, workload, compute)
     if planner == "greedy":
         plan = greedy_plan(list(desc.groups), desc.args, desc.dtype, budgets, compute, context, fixed_context, **staging)
@@ -208,7 +208,7 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
 
     def plan_for(extents):  # the pack as loading would write it: its layout sets the bytes read
         return make_plan(desc, budgets, compute, context or min(4096, max_ctx), context is not None, profile,
-                         replace(workload, extents=extents), planner, routing_known=trace is not None, extents=extents)
+                         replace(workload, extents=extents), planner, expert_freq=workload.expert_freq, extents=extents)
     # as loading does: the named pack, else the lossless format the cost model predicts faster
     formats = [PackFormat.parse(pack)] if pack else lossless_formats(desc, path)
     fmt, extents, plan, prediction = pick_format(desc, formats if planner == "cost" else formats[:1], profile,
