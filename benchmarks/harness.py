@@ -159,13 +159,16 @@ def drop_caches():
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
-def run_limited(script: str, tag: str, name: str, argv: list, limit: int, python: str, timeout: int) -> dict:
+def run_limited(script: str, tag: str, name: str, argv: list, limit: int, python: str, timeout: int,
+                scratch: Path | None = None) -> dict:
     """Run `python script argv` (a worker) in a fresh memory cgroup of `limit` bytes after dropping the page cache.
 
     Args:
         script: the benchmark script the worker runs in.
         tag: prefix of the cgroup's name (one per benchmark).
         name: the contender's name (also in the cgroup's name).
+        scratch: a folder the worker may write (accelerate_scratch), removed afterwards: a worker the
+            OOM killer stops never reaches its own clean-up.
     Returns:
         The worker's JSON result plus cgroup_peak_bytes, cgroup_limit_hits and wall_s, or {"error": ...}.
     """
@@ -190,6 +193,8 @@ def run_limited(script: str, tag: str, name: str, argv: list, limit: int, python
             cg.rmdir()
         except OSError:
             pass
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode != 0 or not lines:
         if int(oom):
@@ -305,19 +310,24 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def accelerate_scratch(workdir) -> Path:
+    """accelerate's offload folder in `workdir`: one fixed name, so run_limited can remove it after any worker."""
+    return Path(workdir) / "offload-accelerate"
+
+
 def accelerate_decode(model_dir, ram, prompt: list, tokens: int, workdir) -> dict:
     """Decode with transformers + accelerate disk offload (device_map="auto", max_memory, offload_folder).
 
     One warm-up step, then `tokens` timed steps. Returns s_per_token, the kernel's read bytes per
     timed step and the greedy tokens.
     """
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
-    off = tempfile.mkdtemp(prefix="offload-", dir=workdir)
+    off = accelerate_scratch(workdir)
+    shutil.rmtree(off, ignore_errors=True)
+    off.mkdir(parents=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto",
                                                      max_memory={"cpu": ram}, offload_folder=off)

@@ -44,8 +44,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness import (accelerate_decode, convert_to_gguf, default_workdir, disk_bandwidth, copy_bandwidth, emit,
-                     find_converter, print_table, read_bytes, run_limited, write_checkpoint, write_json)
+from harness import (accelerate_decode, accelerate_scratch, convert_to_gguf, default_workdir, disk_bandwidth, copy_bandwidth,
+                     emit, find_converter, print_table, read_bytes, run_limited, write_checkpoint, write_json)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import corpus  # noqa: E402  (the fixture's builder imports torch: loaded only where it is needed)
@@ -293,7 +293,7 @@ def main():
             continue
         print(f"running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...", file=sys.stderr)
         results[name] = run_limited(__file__, "hetero_moe", name, argv + ["--model", str(directory)] + common, limit,
-                                    python, timeout)
+                                    python, timeout, scratch=accelerate_scratch(work))
     report(results, dict(model_bytes=size, limit_bytes=limit, hetero_ram_bytes=ram, disk_bandwidth_bps=bw,
                          disk_bandwidth_source=bw_source, features=features, tokens=a.tokens, prompt=prompt, config=c),
            work, a.json_path)

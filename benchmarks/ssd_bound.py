@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import (accelerate_decode, default_workdir, disk_bandwidth, emit, print_table, read_bytes,
+from harness import (accelerate_decode, accelerate_scratch, default_workdir, disk_bandwidth, emit, print_table, read_bytes,
                      reader_bandwidth, run_limited, smollm2_gguf, write_checkpoint, write_json)
 
 CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
@@ -261,7 +261,8 @@ def main():
                 continue
             print(f"round {r + 1}/{a.rounds}: running {name} under a {limit / 2**20:.0f} MiB memory cgroup ...",
                   file=sys.stderr)
-            runs.setdefault(name, []).append(run_limited(__file__, "hetero_ssd", name, argv + common, limit, python, timeout))
+            runs.setdefault(name, []).append(run_limited(__file__, "hetero_ssd", name, argv + common, limit, python, timeout,
+                                                         scratch=accelerate_scratch(work)))
     # what `hetero run` picks for this model and budget with no --pack (the lossless format predicted faster)
     from hetero.placement.summary import plan_command
 
