@@ -117,6 +117,7 @@ def test_a_routing_trace_places_experts_and_predicts_the_caches(tmp_path, capsys
     code, out, err = _plan(capsys, d, *base)
     assert code == 0, err
     plain = json.loads(out)
+    assert any("no routing trace" in n and "hetero trace" in n for n in plain["notes"])  # the uniform prior is said
     runs = {}
     for local in (True, False):
         t = _trace_file(tmp_path / f"trace-{local}.safetensors", range(32), 8, 2, local)
@@ -124,6 +125,7 @@ def test_a_routing_trace_places_experts_and_predicts_the_caches(tmp_path, capsys
         assert code == 0, err
         runs[local] = json.loads(out)
         assert any("routing trace" in n for n in runs[local]["notes"])
+        assert not any("no routing trace" in n for n in runs[local]["notes"])
     # the caches replayed on a trace whose tokens reuse their experts serve more than on one that never does
     assert runs[True]["predicted"]["decode_s_per_token"] < runs[False]["predicted"]["decode_s_per_token"]
     assert plain["predicted"]["decode_s_per_token"] != runs[True]["predicted"]["decode_s_per_token"]

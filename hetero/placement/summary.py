@@ -216,6 +216,12 @@ def plan_command(model, vram=None, ram=None, context=None, dtype=None, device=No
     workload = replace(workload, extents=extents)
     if context is None and plan.kv_tokens < min(4096, max_ctx):
         notes.append(f"context limited to {plan.kv_tokens} tokens by the memory budget")
+    if trace is None and any(plan.expert_cache.values()):
+        # the cost model cannot know how often real routing repeats itself: it errs slow (on the widened
+        # MoE fixture of benchmarks/moe_offload.py, 0.32 s/token predicted, 0.21-0.24 measured)
+        notes.append("no routing trace: the expert cache is predicted on the uniform prior, as if routing never "
+                     "repeated, so decode usually runs faster than predicted; `hetero trace MODEL --text FILE` "
+                     "measures the routing and sharpens both the placement and the prediction")
     label = Speeds(profile, compute, workload).label
     data = report(desc, plan, prediction, workload, label)
     data.update(model=str(path), planner=planner, notes=notes, profile="quick" if profile.quick else "full", pack=fmt.tag,
