@@ -99,9 +99,9 @@ class IVFIndex:
 class HNSWIndex:
     """faiss IndexHNSWFlat, inner product: a key-key graph searched greedily."""
 
-    def __init__(self, dim: int, M: int = 16, ef: int = 64):
+    def __init__(self, dim: int, M: int = 16, ef: int = 64, ef_construction: int = 64):
         self.index = faiss.IndexHNSWFlat(dim, M, faiss.METRIC_INNER_PRODUCT)
-        self.index.hnsw.efConstruction = 64
+        self.index.hnsw.efConstruction = ef_construction
         self.M, self.ef = M, ef
 
     def add(self, keys: np.ndarray):
