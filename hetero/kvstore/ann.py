@@ -97,15 +97,22 @@ class IVFIndex:
 
 
 class HNSWIndex:
-    """faiss IndexHNSWFlat, inner product: a key-key graph searched greedily."""
+    """faiss IndexHNSWFlat, inner product: a key-key graph searched greedily (fp16=True: IndexHNSWSQ,
+    the keys kept as float16, half the memory)."""
 
-    def __init__(self, dim: int, M: int = 16, ef: int = 64, ef_construction: int = 64):
-        self.index = faiss.IndexHNSWFlat(dim, M, faiss.METRIC_INNER_PRODUCT)
+    def __init__(self, dim: int, M: int = 16, ef: int = 64, ef_construction: int = 64, fp16: bool = False):
+        if fp16:
+            self.index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, M, faiss.METRIC_INNER_PRODUCT)
+        else:
+            self.index = faiss.IndexHNSWFlat(dim, M, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
-        self.M, self.ef = M, ef
+        self.M, self.ef, self.key_bytes = M, ef, 2 if fp16 else 4
 
     def add(self, keys: np.ndarray):
-        self.index.add(np.ascontiguousarray(keys, dtype=np.float32))
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        if not self.index.is_trained:  # float16 needs no statistics, but faiss asks for a train() call
+            self.index.train(keys)
+        self.index.add(keys)
 
     def learn(self, queries):
         pass
@@ -123,7 +130,7 @@ class HNSWIndex:
 
     def nbytes(self) -> int:
         # keys, plus about 2*M neighbour ids (int32) at level 0 and M per upper level for ~1/M of the keys
-        return self.ntotal * (self.index.d * 4 + 4 * 2 * self.M + 4 * 2) + 0
+        return self.ntotal * (self.index.d * self.key_bytes + 4 * 2 * self.M + 4 * 2)
 
 
 class QueryRoutedIndex:
