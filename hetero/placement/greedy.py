@@ -123,8 +123,7 @@ def expert_cache_slots(spec, groups: list[Group], args, compute: str, free: dict
 
 def greedy_plan(
     groups: list[Group], args, dtype, budgets: dict, compute: str, context: int, fixed_context: bool = False,
-    depth: int | None = None, extents: dict | None = None, expert_cache=None, routing_known: bool = False,
-    expert_freq=None,
+    depth: int | None = None, extents: dict | None = None, expert_cache=None, expert_freq=None,
 ) -> Plan:
     """Place groups greedily within the budgets.
 
@@ -138,10 +137,9 @@ def greedy_plan(
         extents: the pack's extent sizes (plan.staging_bytes); default a pack in the compute dtype.
         expert_cache: expert-cache slots (see expert_cache_slots): taken from the budgets before any
             home is placed, and dropped afterwards from a tier whose cache the placement does not use.
-        routing_known: experts are placed by measured activation frequencies (a routing trace), so
-            the default cache can be smaller (default_expert_cache).
-        expert_freq: those frequencies (cost.Workload.expert_freq; implies routing_known): the experts
-            are then placed most used first, else in execution order.
+        expert_freq: measured activation frequencies (a routing trace's; cost.Workload.expert_freq):
+            the experts are then placed most used first, else in execution order, and the default
+            cache can be smaller (default_expert_cache).
     Returns:
         A Plan that fits the budgets.
     Raises:
@@ -171,7 +169,7 @@ def greedy_plan(
         depth -= 1
     need = minimum_bytes(groups, args, dtype, compute, ctx, depth, extents)
     free = {t: (None if budgets[t] is None else budgets[t] - need.get(t, 0)) for t in budgets}
-    cache = expert_cache_slots(expert_cache, groups, args, compute, free, extents, routing_known or expert_freq is not None)
+    cache = expert_cache_slots(expert_cache, groups, args, compute, free, extents, expert_freq is not None)
     if any(cache.values()):
         slot = expert_slot_bytes(groups, extents)
         for t, n in cache.items():
