@@ -76,7 +76,8 @@ def default_expert_cache(groups: list[Group], args, compute: str, free: dict, ex
     slot = expert_slot_bytes(groups, extents)
     base = (args.num_experts_per_tok or 1) * (1 + MAX_LOOKAHEAD)
     # what the dense groups would hold: an untied embedding is gathered row by row, left to the disk first
-    dense = sum(g.nbytes for g in groups if g.kind not in ("expert", "norms") and (args.tie_word_embeddings or g.kind != "embed"))
+    dense = sum(g.nbytes for g in groups
+                if g.kind not in ("expert", "norms") and (args.tie_word_embeddings or g.kind != "embed"))
     out = {}
     gpu_free = free.get("gpu") if compute == "gpu" else 0
     spills = {"gpu": compute == "gpu" and gpu_free is not None and gpu_free < total,
