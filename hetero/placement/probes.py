@@ -143,6 +143,84 @@ def _pool_once(reader, fd: int, extent: int, span: int, file_bytes: int) -> floa
     return time.perf_counter() - t0
 
 
+CONTENTION_EXTENT = 4 * MiB  # the reads of the contention probe: the pool table's best size
+CONTENTION_COLS = 2048  # ... and its matvecs: a decode's typical input width
+
+
+def contention(path: str, quick: bool) -> dict | None:
+    """How much the reader pool's reads and the decode's matvecs slow each other down when they run at
+    the same time, as the executor overlaps them: {dtype: {"disk": x, "compute": x}}, each the time the
+    same work takes concurrently over its time alone (>= 1 where they compete; None without O_DIRECT).
+
+    On a machine with few cores the pool's threads wait for a core while torch's threads compute, and
+    the reads' completions wait to be handled (measured here, 2 cores: pool reads 1.2-1.6x slower under
+    bfloat16 matvecs; decode read 2.4 GB/s where the idle pool table says 3.8). Each phase (reads
+    alone, matvecs alone, both) runs for the same window; the median of `rounds` rounds.
+    """
+    from ..flash.reader import make_reader
+
+    direct = _open_direct(path)
+    if direct is None:
+        return None
+    size = os.path.getsize(path)
+    window = 0.2 if quick else 0.3
+    rounds = 1 if quick else 2
+    reader = make_reader()
+    out = {}
+    try:
+        for name, dtype in DTYPES.items():
+            n_rows = max(8, MATVEC_BYTES // (CONTENTION_COLS * dtype.itemsize))
+            ws = [torch.full((n_rows, CONTENTION_COLS), 0.01, dtype=dtype)
+                  for _ in range(max(2, pool_bytes("cpu", quick) // (n_rows * CONTENTION_COLS * dtype.itemsize)))]
+            x = torch.full((1, CONTENTION_COLS), 0.01, dtype=dtype)
+            disk, comp = [], []
+            for _ in range(rounds):
+                r_alone = _rate_for(window, lambda: _pool_once(reader, direct, CONTENTION_EXTENT, 16 * MiB, size))
+                c_alone = _rate_for(window, lambda: [linear(x, w) for w in ws])
+                r_both, c_both = _concurrently(window, lambda: _pool_once(reader, direct, CONTENTION_EXTENT, 16 * MiB, size),
+                                               lambda: [linear(x, w) for w in ws])
+                disk.append(r_alone / r_both)
+                comp.append(c_alone / c_both)
+            out[name] = {"disk": max(1.0, statistics.median(disk)), "compute": max(1.0, statistics.median(comp))}
+    finally:
+        os.close(direct)
+        reader.close()
+    return out
+
+
+def _rate_for(window: float, fn) -> float:
+    """Calls of fn per second over `window` seconds (after one warm-up call)."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < window:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _concurrently(window: float, reads, compute) -> tuple[float, float]:
+    """(calls per second of `reads` on a thread, of `compute` on this one), both running for `window` seconds."""
+    import threading
+
+    stop, count = threading.Event(), [0, 0.0]
+
+    def loop():
+        t0 = time.perf_counter()
+        while not stop.is_set():
+            reads()
+            count[0] += 1
+        count[1] = time.perf_counter() - t0
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    try:
+        rate = _rate_for(window, compute)
+    finally:
+        stop.set()
+        th.join()
+    return count[0] / max(count[1], 1e-9), rate
+
+
 def _buffered_once(fd: int, block: int, span: int) -> float:
     _drop_cache(fd)
     t0 = time.perf_counter()
@@ -281,30 +359,43 @@ def pool_bytes(device: str, quick: bool) -> int:
     return min(1024 * MiB, ram, max((64 if quick else 128) * MiB, 2 * last_level_cache_bytes()))
 
 
-def _matvec_call_s(device: str, dtype: torch.dtype, cols: int, nbytes: int, quick: bool) -> float:
-    """Median seconds of one [1, cols] @ [N, cols]^T over a pool of `nbytes` matrices larger than the caches."""
-    n_rows = max(8, nbytes // (cols * dtype.itemsize))
-    n = max(2, pool_bytes(device, quick) // (n_rows * cols * dtype.itemsize))
-    ws = [torch.full((n_rows, cols), 0.01, dtype=dtype, device=device) for _ in range(n)]
-    x = torch.full((1, cols), 0.01, dtype=dtype, device=device)
+def _matvec_pool(buf: torch.Tensor, cols: int, nbytes: int) -> tuple:
+    """(matrices [N, cols] of about `nbytes` each, views of `buf`, which is larger than the caches; the input [1, cols])."""
+    n_rows = max(8, nbytes // (cols * buf.element_size()))
+    per = n_rows * cols
+    ws = [buf[i * per:(i + 1) * per].view(n_rows, cols) for i in range(max(1, buf.numel() // per))]
+    return ws, torch.full((1, cols), 0.01, dtype=buf.dtype, device=buf.device)
 
+
+def _sweep_s(ws, x, device: str, budget_s: float) -> float:
+    """Median seconds of one matvec over the pool `ws` (each matrix once per sweep)."""
     def sweep():
         for w in ws:
             linear(x, w)  # as the models compute a decoded token
 
-    return _timed_loop(sweep, device, 0.05 if quick else 0.15) / n
+    return _timed_loop(sweep, device, budget_s) / len(ws)
+
+
+MATVEC_ROUNDS = 3
 
 
 def matvec(device: str, dtype: torch.dtype, quick: bool) -> list:
     """Weight bytes per second of [1, K] @ [N, K]^T by input width K, as [[K, bytes/s], ...].
 
-    Each width runs over a pool of MATVEC_BYTES matrices larger than the caches, so the weights stream from memory.
+    Each width runs over a pool of MATVEC_BYTES matrices larger than the caches, so the weights stream
+    from memory. The widths are timed in turn, MATVEC_ROUNDS rounds, and each width's median round is
+    kept: a shared host's memory bandwidth drifts by a quarter from one second to the next (bfloat16
+    rows measured one after the other read 7.0-9.8 GB/s), which made the widths disagree by moment.
     """
-    rows = []
-    for cols in MATVEC_COLS:
-        n_rows = max(64, MATVEC_BYTES // (cols * dtype.itemsize))
-        rows.append([cols, n_rows * cols * dtype.itemsize / _matvec_call_s(device, dtype, cols, MATVEC_BYTES, quick)])
-    return rows
+    budget = (0.05 if quick else 0.15) / MATVEC_ROUNDS
+    # one buffer, viewed as each width's matrices: the widths' pools cost the memory of one
+    buf = torch.full((pool_bytes(device, quick) // dtype.itemsize,), 0.01, dtype=dtype, device=device)
+    pools = {cols: _matvec_pool(buf, cols, MATVEC_BYTES) for cols in MATVEC_COLS}
+    times = {cols: [] for cols in MATVEC_COLS}
+    for _ in range(MATVEC_ROUNDS):
+        for cols, (ws, x) in pools.items():
+            times[cols].append(_sweep_s(ws, x, device, budget))
+    return [[cols, ws[0].numel() * dtype.itemsize / statistics.median(times[cols])] for cols, (ws, _) in pools.items()]
 
 
 def matvec_call(device: str, dtype: torch.dtype, quick: bool) -> float:
