@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hetero.errors import HeteroError
-from hetero.placement.cost import Workload, bucket_streams, predict, tables, tier_index
+from hetero.placement.cost import Workload, bucket_streams, contend, predict, tables, tier_index
 from hetero.placement.plan import Plan
 from hetero.placement.schedule import COLS, COMP, EPRE, FIFO, PRE, SYNC, TIME, replay
 
@@ -104,6 +104,37 @@ def test_the_schedule_hides_reads_behind_compute_and_waits_when_they_are_late():
     alone = replay(_rows(2, head_sync=2.0), 1, None, False)
     shared = replay(_rows(2, {0: 1.0}, head_sync=2.0), 1, None, False)
     assert alone == pytest.approx(4.0) and shared == pytest.approx(5.0)
+
+
+def test_overlapped_reads_and_compute_stretch_each_other_by_the_measured_contention():
+    # compute-bound: 4 s of compute, 2 s of reads; reads 1.5x slower and compute 1.25x slower together.
+    # The reads take 3 s, all within the compute, which does 3 / 1.25 = 2.4 s of its work meanwhile: 3 + 1.6
+    rows = _rows(4, {3: 2.0})
+    out = contend(rows, True, 1.5, 1.25)
+    assert out[:, PRE].sum() == pytest.approx(3.0) and out[:, COMP].sum() == pytest.approx(4.6)
+    assert out[4, PRE] == pytest.approx(3.0) and out[1, COMP] == pytest.approx(1.15)  # each column keeps its shares
+    # read-bound: 3 s of compute, 9 s of reads: compute takes 3.75 s, the reads do 2.5 s of theirs meanwhile,
+    # the other 6.5 s alone
+    out = contend(_rows(3, {0: 3.0, 1: 3.0, 2: 3.0}), True, 1.5, 1.25)
+    assert out[:, COMP].sum() == pytest.approx(3.75) and out[:, PRE].sum() == pytest.approx(3.75 + 6.5)
+    # nothing to stretch: no overlap (a serial loop), no reads, or no contention measured
+    for args in ((rows, False, 1.5, 1.25), (_rows(3), True, 1.5, 1.25), (rows, True, 1.0, 1.0)):
+        assert np.array_equal(contend(*args), args[0])
+    # lm_head's reads on the compute thread never overlap its compute
+    assert contend(_rows(2, {0: 1.0}, head_sync=2.0), True, 1.5, 1.25)[-1, SYNC] == 2.0
+
+
+def test_the_profiles_contention_slows_a_plan_that_reads_while_it_computes():
+    desc = tiny_desc("llama", layers=4, hidden_size=256, intermediate_size=1024)
+    half = _plan(desc, lambda g: "disk" if g.layer is not None and g.layer >= 2 else "cpu")
+    p = synthetic_profile()
+    cpu = dict(p.compute["cpu"], contention={"float32": {"disk": 1.4, "compute": 1.1}})
+    slow = dataclasses.replace(p, compute={**p.compute, "cpu": cpu})
+    assert predict(desc, half, slow).decode_s_per_token > predict(desc, half, p).decode_s_per_token
+    ram = _plan(desc, lambda g: "cpu")  # nothing read: nothing to contend with
+    assert predict(desc, ram, slow).decode_s_per_token == predict(desc, ram, p).decode_s_per_token
+    serial = Workload(overlap=False)  # a loop that waits for every read overlaps nothing
+    assert predict(desc, half, slow, serial).decode_s_per_token == predict(desc, half, p, serial).decode_s_per_token
 
 
 def test_predicted_expert_reads_are_queued_by_the_layer_that_predicts_them():

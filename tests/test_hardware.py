@@ -35,6 +35,11 @@ def test_quick_measurement_is_cached_until_the_hardware_changes(tmp_path, monkey
     assert cpu["op_s"] > 0 and {"attn", "mlp", "step"} <= set(cpu["overheads"]["llama"])
     assert set(cpu["dequant_bps"]) == set(cpu["matvec"]) and all(v > 0 for v in cpu["dequant_bps"].values())
     assert {"moe", "expert"} <= set(cpu["overheads"]["mixtral"])
+    if p.disk_read["direct"] is not None:  # reads and matvecs run together: slowdowns, never speedups
+        assert set(cpu["contention"]) == set(cpu["matvec"])
+        assert all(v["disk"] >= 1 and v["compute"] >= 1 for v in cpu["contention"].values())
+    else:
+        assert "contention" not in cpu
     assert ("cuda" in p.compute) == torch.cuda.is_available()
     assert hardware.cached() == p and hardware.get_profile(quick=True) == p  # no second measurement
     other = json.loads(p.to_json())

@@ -100,6 +100,7 @@ class Speeds:
         self._call = c.get("matvec_call_s") or {}  # (a profile without it: the table's rates alone)
         self._decode = c.get("dequant_bps") or {}  # (a profile without it: decoding costs a clone)
         self._lossless = c.get("lossless_bps") or {}  # {codec: {dtype: bytes/s}}
+        self._contention = c.get("contention") or {}  # {dtype: {"disk": x, "compute": x}} (cpu compute only)
         self._table_bytes = float(c.get("matvec_bytes", 4 * 2**20))  # the matrix size the table was measured at
         d = profile.disk_read
         # a profile from before the pool probe: its O_DIRECT (else buffered) figures stand in
@@ -146,6 +147,12 @@ class Speeds:
 
     def h2d(self, n: int) -> float:
         return self._t(self._h2d, n) if n else 0.0
+
+    def contention(self, dtype: str) -> tuple:
+        """(disk, compute): how much slower the pool's reads and this dtype's compute run while both run
+        (1, 1) where the profile has no such figure (a gpu computing, a profile from before the probe)."""
+        c = self._contention.get(dtype)
+        return (float(c["disk"]), float(c["compute"])) if c else (1.0, 1.0)
 
     def family(self, model_type: str) -> dict:
         return self.overheads.get(model_type) or self.overheads.get("llama") or next(iter(self.overheads.values()))
@@ -283,6 +290,7 @@ class Tables:
         moe_layers: the MoE layers in order; top_k: experts per token.
         expert_move_s: tier -> seconds of bringing one expert from there to the compute device (the
             slowest expert; what prefetching has to hide).
+        contention: (disk, compute) slowdowns of reads and compute while they overlap (see contend()).
     """
 
     decode: np.ndarray
@@ -299,6 +307,7 @@ class Tables:
     moe_layers: tuple = ()
     top_k: int = 0
     expert_move_s: dict = field(default_factory=dict)
+    contention: tuple = (1.0, 1.0)
 
 
 def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) -> Tables:
@@ -335,7 +344,8 @@ def tables(desc: ModelDesc, profile: Profile, workload: Workload, compute: str) 
     fixed_d, fixed_p = _fixed(sp, desc, workload, probs)
     return Tables(dec, pre, fixed_d, fixed_p, bucket, np.array([g.nbytes for g in desc.groups], dtype=np.int64),
                   tuple(g.name for g in desc.groups), compute, sp.label, workload.overlap,
-                  sp.family(a.model_type).get("cached_moe", 0.0), moe, a.num_experts_per_tok or 0, move)
+                  sp.family(a.model_type).get("cached_moe", 0.0), moe, a.num_experts_per_tok or 0, move,
+                  sp.contention(dt))
 
 
 def _recall(recall, g, moe: tuple) -> float:
@@ -427,10 +437,38 @@ def bucket_streams(t: Tables, tier_index: np.ndarray, which: str = "decode") -> 
 
 def combine(rows: np.ndarray, overlap: bool, depth: int = 1, next_reads: int | None = None, gpu: bool = False,
             steady: bool = True, stalls: list | None = None, issuers: list | None = None) -> float:
-    """Seconds of one forward over per-bucket costs [b, c]: the executor's schedule (schedule.replay), or serial."""
+    """Seconds of one forward over per-bucket costs [b, c] (contend()ed when overlapped): the executor's
+    schedule (schedule.replay), or serial."""
     if not overlap:
         return serial(rows)
     return replay(rows, depth, next_reads, gpu, steady, stalls, issuers)
+
+
+READS = [PRE, FIFO, EPRE]  # the columns of reads the pool makes while the compute thread may be computing
+
+
+def contend(rows: np.ndarray, overlap: bool, disk: float, compute: float) -> np.ndarray:
+    """Costs [b, c] with the pool's reads and the compute thread's work stretched by their overlap.
+
+    While both run, reads take `disk` times and compute `compute` times as long as alone (the profile's
+    contention probe). Over a forward, with C seconds of compute and D of pool reads, alone: if the
+    stretched reads fit within the compute (disk * D / compute <= C), all of D overlaps: reads take
+    disk * D, and compute loses the share of its speed it gave them over that time; otherwise all of C
+    overlaps: compute takes compute * C, and the reads left after it run alone. Each column is scaled by
+    its total's stretch, so the schedule's replay keeps each layer's share. (Reads on the compute thread,
+    SYNC, never overlap its compute.)
+    """
+    C, D = float(rows[:, COMP].sum()), float(rows[:, READS].sum())
+    if not overlap or C <= 0 or D <= 0 or (disk == 1 and compute == 1):  # (a serial loop overlaps nothing)
+        return rows
+    if disk * D / compute <= C:
+        c2, d2 = C + disk * D * (1 - 1 / compute), disk * D
+    else:
+        c2, d2 = compute * C, D + compute * C * (1 - 1 / disk)
+    out = np.array(rows, dtype=float)
+    out[:, COMP] *= c2 / C
+    out[:, READS] *= d2 / D
+    return out
 
 
 def lookahead(miss_s: float, layer_s: float, most: int = MAX_LOOKAHEAD, transfer_bound: bool = False) -> int:
@@ -574,6 +612,8 @@ def predict(desc: ModelDesc, plan: Plan, profile: Profile, workload: Workload = 
         for layer in {g.layer for g in desc.groups if g.kind == "expert"}:
             dec[layer + 1, COMP] += t.cached_moe
             pre[layer + 1, COMP] += t.cached_moe
+    # (the expert schedule, the streams and the bottleneck are of the costs as the overlap stretches them)
+    dec, pre = contend(dec, t.overlap, *t.contention), contend(pre, t.overlap, *t.contention)
     extents = {k: tuple(v) for k, v in workload.extents.items()} if workload.extents else None
     nxt = next_token_reads(list(desc.groups), plan.tiers, plan.compute, plan.depth, extents)
     L = len(dec) - 2

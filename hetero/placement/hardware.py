@@ -24,7 +24,7 @@ from ..errors import HeteroError
 from ..sizes import format_size
 from . import probes
 
-VERSION = 14  # bump when what is measured, or how, changes: older caches are then re-measured
+VERSION = 15  # bump when what is measured, or how, changes: older caches are then re-measured
 _FILE = "profile.json"
 
 
@@ -44,7 +44,9 @@ class Profile:
         compute: device ("cpu", "cuda") -> {"matvec": {dtype: [[input width, bytes/s], ...]},
             "matvec_bytes": the size of the matrices it was measured on, "matvec_call_s": {dtype: fixed seconds per matvec call}, "matmul_flops": {dtype: flop/s},
             "op_s": seconds per extra op, "dequant_bps": {dtype: bytes/s of int8 weights decoded into preallocated
-            buffers of that dtype}, "lossless_bps": {codec: {dtype: bytes/s of bf16z weights decoded so}}, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "cached_moe", "step"}}}.
+            buffers of that dtype}, "lossless_bps": {codec: {dtype: bytes/s of bf16z weights decoded so}}, "overheads": {model_type: {"attn", "mlp", "moe", "expert", "cached_moe", "step"}},
+            "contention" (cpu, with O_DIRECT): {dtype: {"disk": x, "compute": x}}, how much slower the pool's
+            reads and the decode matvecs run while the other runs (probes.contention)}.
     """
 
     fingerprint: dict = field(hash=False)
@@ -162,6 +164,8 @@ def measure(disk_dir=None, quick: bool = False, log=None) -> Profile:
     say("disk reads (page cache dropped) ...")
     with probes.scratch_file(disk_dir, file_bytes) as path:
         disk = probes.disk_read(path, quick)
+        say("reads and compute at the same time ...")
+        contention = probes.contention(path, quick)
     say("memory copies ...")
     clone, ram = probes.host_clone(quick), probes.ram_read(quick)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -169,6 +173,8 @@ def measure(disk_dir=None, quick: bool = False, log=None) -> Profile:
     for dev in devices:
         say(f"compute on {dev} ...")
         compute[dev] = _compute(dev, quick)
+    if contention:  # the cpu's matvecs share its cores with the reader pool (a gpu's kernels do not)
+        compute["cpu"]["contention"] = contention
     h2d = None
     gpu_bytes = None
     if "cuda" in devices:
@@ -258,6 +264,9 @@ def profile_rows(p: Profile) -> list[tuple[str, str]]:
         for codec, rates in (c.get("lossless_bps") or {}).items():
             rows.append((f"{dev} bf16z ({codec}) weights decoded into (GB/s of output)",
                          ", ".join(f"{k} {v / 1e9:.2f}" for k, v in rates.items())))
+        if c.get("contention"):
+            rows.append((f"{dev} reads / matvecs slower when run together (x)",
+                         ", ".join(f"{k} {v['disk']:.2f} / {v['compute']:.2f}" for k, v in c["contention"].items())))
         rows.append((f"{dev} per-op overhead", f"{c['op_s'] * 1e6:.1f} us"))
         for mt, o in c["overheads"].items():
             rows.append((f"{dev} {mt} overhead (us)", ", ".join(f"{k} {v * 1e6:.0f}" for k, v in o.items())))

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .cost import Tables, Workload, combine, expert_schedule, predict, tables
+from .cost import Tables, Workload, combine, contend, expert_schedule, predict, tables
 from .describe import ModelDesc
 from .greedy import cache_tiers, greedy_plan, minimum_bytes
 from .plan import TIERS, Plan, next_token_reads, tier_usage
@@ -59,10 +59,12 @@ class _State:
 
     def _of(self, sd, sp, cur) -> float:
         nxt = self.nxt(cur) if self.nxt else None
+        sd = contend(sd, self.t.overlap, *self.t.contention)  # as overlapped reads and compute slow each other
         issuers = expert_schedule(self.t, sd)[1]  # the runtime's lookahead follows the placement's bottleneck
         out = combine(sd, self.t.overlap, next_reads=nxt, issuers=issuers, **self.sched)
         if not self.w:
             return out
+        sp = contend(sp, self.t.overlap, *self.t.contention)
         return out + self.w * combine(sp, self.t.overlap, next_reads=nxt, steady=False, issuers=issuers, **self.sched)
 
     def objective(self) -> float:
