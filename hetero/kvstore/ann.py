@@ -129,8 +129,10 @@ class HNSWIndex:
         return ids, stats.ndis / len(queries)
 
     def nbytes(self) -> int:
-        # keys, plus about 2*M neighbour ids (int32) at level 0 and M per upper level for ~1/M of the keys
-        return self.ntotal * (self.index.d * self.key_bytes + 4 * 2 * self.M + 4 * 2)
+        # keys, and the graph as faiss holds it: neighbour ids (int32, 2M slots at level 0 and M per upper
+        # level), each node's offset into them (size_t) and its level (int32)
+        h = self.index.hnsw
+        return self.ntotal * self.index.d * self.key_bytes + 4 * h.neighbors.size() + 8 * h.offsets.size() + 4 * h.levels.size()
 
 
 class QueryRoutedIndex:
