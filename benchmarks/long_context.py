@@ -2,7 +2,8 @@
 
 Prints the issue-6 metrics as one table (and JSON to benchmarks/results/long_context.json):
   1. recall@k of retrieved keys vs exact top-k, against the share of keys scanned, for IndexFlatIP
-     (the oracle), IVF, HNSW and the query-aware index — on real SmolLM2 queries/keys of real text;
+     (the oracle), IVF, HNSW (on inner products, and for Euclidean distance over keys lifted to one
+     norm) and the query-aware indexes — on real SmolLM2 queries/keys of real text;
   2. attention-output cosine of the runtime's retrieval decode step vs exact (median, 5th percentile),
      same data, with V in RAM and with V on disk (where retrieval attends past each head's top-k
      through a 4-bit V copy);
@@ -14,13 +15,14 @@ Prints the issue-6 metrics as one table (and JSON to benchmarks/results/long_con
   6. decode time per token and layer at 4K and 128K keys (synthetic q/k from separate projections),
      the runtime's RetrievalLayer.attend against one exact SDPA call;
   7. recall against keys scanned of the query-whitened IVF at 128K synthetic keys, scanning 1-5%
-     (below the runtime's share), and of a faiss HNSW graph per KV head on the same keys.
+     (below the runtime's share), and of faiss HNSW graphs per KV head (both metrics) on the same keys.
 
 The text is local (the licence texts in /usr/share/common-licenses, then Python's LICENSE), never
 downloaded. On 2 cores a full run takes several minutes; what is subsampled is printed.
 
     python benchmarks/long_context.py [--tokens 8192] [--layers 3,10,16,22,28] [--decode 32] [--needles 1]
-                                      [--decode-only | --sweep-only | --agreement-only [--scans 0.3,0.5]]
+                                      [--decode-only | --sweep-only | --indexes-only |
+                                       --agreement-only [--scans 0.3,0.5]]
 """
 
 import argparse
@@ -119,6 +121,8 @@ def index_sweeps(D):
         yield f"faiss ivf nlist=64 nprobe={p}", lambda p=p: _OneHead(IVFIndex(D, 64, p))
     for ef in (128, 512):
         yield f"faiss hnsw M=16 ef={ef}", lambda ef=ef: _OneHead(HNSWIndex(D, 16, ef))
+    for ef in (64, 128, 256):  # the same graph for Euclidean distance over keys lifted to one norm
+        yield f"faiss hnsw l2 fp16 M=16 ef={ef}", lambda ef=ef: _OneHead(HNSWIndex(D, 16, ef, 200, True, "l2"))
     yield "query-routed nprobe=4", lambda: _OneHead(QueryRoutedIndex(D, 32, 128, 4, 1024))
     for s in (0.1, 0.2, 0.3):
         yield f"keys-only ivf scan={s}", lambda s=s: WhitenedIVF(1, D, scan=s, whiten=False)
@@ -386,13 +390,14 @@ def decode_growth(structured: bool, sizes=(4096, 131072), rounds=5) -> dict:
 
 def recall_sweep(structured: bool, S: int = 131072, scans=(0.01, 0.02, 0.05), cluster_sizes=(64, 256),
                  n_queries: int = 32, H: int = 9, K: int = 3, D: int = 64, seed: int = 0,
-                 hnsw=((24, 512), (24, 640), (32, 384), (32, 512))) -> list[dict]:
+                 hnsw=((24, 512, "ip"), (24, 640, "ip"), (32, 384, "ip"), (32, 512, "ip"), (16, 512, "l2"),
+                       (16, 768, "l2"))) -> list[dict]:
     """Recall@K_TOP against keys scanned (the cluster ranking counted) of the query-whitened IVF at S keys,
     synthetic q/k from separate projections (as DecodeBench), below the runtime's scan share: how far
     the index is from the issue's 5%. Next to it, faiss HNSW graphs (keys as float16, efConstruction
-    200; (M, efSearch) pairs `hnsw`) on the same keys, one per KV head, scanned = their distance
-    computations, with their memory (keys + graph) over the raw float32 key bytes: graphs the runtime
-    does not use (see the README)."""
+    200; (M, efSearch, metric) triples `hnsw`: metric "l2" is the graph on keys lifted to one norm,
+    ann.HNSWIndex) on the same keys, one per KV head, scanned = their distance computations, with their
+    memory (keys + graph) over the raw float32 key bytes: graphs the runtime does not use (see the README)."""
     G = H // K
     q, k, _ = synthetic_qkv(S + n_queries, structured, H, K, D, seed)
     q, k = q[0].numpy(), k[0].numpy()  # [H, n, D], [K, n, D]
@@ -413,14 +418,14 @@ def recall_sweep(structured: bool, S: int = 131072, scans=(0.01, 0.02, 0.05), cl
             rows.append({"index": "query-whitened ivf", "cluster_size": cs, "scan": scan,
                          f"recall@{K_TOP}": float(np.mean(rec)), "scanned": float(np.mean(scanned)),
                          "memory": ix.nbytes() / (K * S * D * 4)})
-    for M in dict.fromkeys(m for m, _ in hnsw):
+    for M, metric in dict.fromkeys((m, mt) for m, _, mt in hnsw):
         graphs = []
         for h in range(K):  # keys added block by block, as tokens arrive
-            g = HNSWIndex(D, M, ef_construction=200, fp16=True)
+            g = HNSWIndex(D, M, ef_construction=200, fp16=True, metric=metric)
             for a in range(0, S, BLOCK):
                 g.add(k[h, a:a + BLOCK])
             graphs.append(g)
-        for ef in (e for m, e in hnsw if m == M):
+        for ef in (e for m, e, mt in hnsw if (m, mt) == (M, metric)):
             rec, scanned = [], []
             for qq, ex in zip(qs, exact):
                 for h, g in enumerate(graphs):
@@ -428,7 +433,7 @@ def recall_sweep(structured: bool, S: int = 131072, scans=(0.01, 0.02, 0.05), cl
                     ids, n_scan = g.search(qq[h], K_TOP)
                     rec += [len(np.intersect1d(ids[j], ex[h, j])) / K_TOP for j in range(G)]
                     scanned.append(n_scan / S)
-            rows.append({"index": f"faiss hnsw fp16 M={M}", "ef": ef, f"recall@{K_TOP}": float(np.mean(rec)),
+            rows.append({"index": f"faiss hnsw{' l2' if metric == 'l2' else ''} fp16 M={M}", "ef": ef, f"recall@{K_TOP}": float(np.mean(rec)),
                          "scanned": float(np.mean(scanned)), "memory": sum(g.nbytes() for g in graphs) / (K * S * D * 4)})
     return rows
 
@@ -439,6 +444,15 @@ def print_sweep(structured: bool, rows: list[dict]):
     print(f"at 128K keys, synthetic {'text-like' if structured else 'gaussian'} q/k: " + "; ".join(
         f"{what(r)}: recall@{K_TOP} {r[f'recall@{K_TOP}']:.3f} ({r['scanned'] * 100:.1f}% scanned, memory "
         f"{r['memory']:.2f}x the keys)" for r in rows), flush=True)
+
+
+def print_indexes(out: dict, a, rows: list[dict]):
+    print(f"\nreal attention: SmolLM2, {out['tokens']} tokens of local text, layers {a.layers}, "
+          f"{a.queries} decode positions per kv head (of the last {RECENT}), resident = {SINK} sink + recent tokens")
+    print(f"{'index':32s} {'recall@' + str(K_TOP):>10s} {'scanned':>8s} {'bytes/key bytes':>16s}")
+    for r in rows:
+        extra = f"  (with the 4-bit V copy {r['with_v4_bytes_per_key_byte']:.2f})" if "with_v4_bytes_per_key_byte" in r else ""
+        print(f"{r['index']:32s} {r[f'recall@{K_TOP}']:10.3f} {r['scanned'] * 100:7.1f}% {r['index_bytes_per_key_byte']:16.2f}{extra}")
 
 
 def main():
@@ -453,6 +467,8 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="only the 128K recall-vs-scanned sweep")
     ap.add_argument("--agreement-only", action="store_true",
                     help="only the top-1 agreement (and KL) of the runtime's retrieval, for each --scans share")
+    ap.add_argument("--indexes-only", action="store_true",
+                    help="only the recall-vs-scanned table of every index on the real attention (sections 1-2)")
     ap.add_argument("--scans", default=None, help="with --agreement-only: shares of the off-device keys scanned, "
                                                    "comma-separated (default: the runtime's)")
     a = ap.parse_args()
@@ -481,6 +497,9 @@ def main():
     rec = capture(exact, text_ids, {int(x) for x in a.layers.split(",")})
     rows = real_attention(rec, a.queries, rng)
     out["indexes"], out["capture_and_index_s"] = rows, time.perf_counter() - t0
+    if a.indexes_only:
+        print_indexes(out, a, rows)
+        return
     cos = runtime_cosines(rec, a.queries, rng)
     for home, key in (("ram", "cosine"), ("disk", "cosine_disk")):
         out[f"{key}_median"], out[f"{key}_p5"] = float(np.median(cos[home])), float(np.percentile(cos[home], 5))
@@ -500,12 +519,7 @@ def main():
     out["decode"] = {st: decode_growth(st) for st in (False, True)}
     out["sweep_128k"] = {st: recall_sweep(st) for st in (False, True)}
 
-    print(f"\nreal attention: SmolLM2, {out['tokens']} tokens of local text, layers {a.layers}, "
-          f"{a.queries} decode positions per kv head (of the last {RECENT}), resident = {SINK} sink + recent tokens")
-    print(f"{'index':28s} {'recall@' + str(K_TOP):>10s} {'scanned':>8s} {'bytes/key bytes':>16s}")
-    for r in rows:
-        extra = f"  (with the 4-bit V copy {r['with_v4_bytes_per_key_byte']:.2f})" if "with_v4_bytes_per_key_byte" in r else ""
-        print(f"{r['index']:28s} {r[f'recall@{K_TOP}']:10.3f} {r['scanned'] * 100:7.1f}% {r['index_bytes_per_key_byte']:16.2f}{extra}")
+    print_indexes(out, a, rows)
     print(f"attention output cosine (RetrievalLayer.attend, {CHOSEN}), V in RAM: median {out['cosine_median']:.4f}, 5th pct {out['cosine_p5']:.4f}; "
           f"V on disk (exact for the best {retrieval.TOP_K} per head, 4-bit past them): median {out['cosine_disk_median']:.4f}, "
           f"5th pct {out['cosine_disk_p5']:.4f}")
