@@ -149,7 +149,7 @@ class Speeds:
         return self._t(self._h2d, n) if n else 0.0
 
     def contention(self, dtype: str) -> tuple:
-        """(disk, compute): how much slower the pool's reads and this dtype's compute run while both run
+        """(disk, compute): how much slower the pool's reads and this dtype's compute run while both run;
         (1, 1) where the profile has no such figure (a gpu computing, a profile from before the probe)."""
         c = self._contention.get(dtype)
         return (float(c["disk"]), float(c["compute"])) if c else (1.0, 1.0)

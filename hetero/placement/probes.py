@@ -8,13 +8,15 @@ resident weights are loaded). Copies: clones into fresh tensors (the fake gpu's 
 dtype conversions) and, with CUDA, host->device copies from pageable and pinned memory. Compute:
 decode (matrix-vector) and prefill (matrix-matrix) linears on weights larger than the caches, and the
 fixed cost of one decode step through each family's own modules at tiny sizes, which is the Python
-and dispatch overhead the executor pays per layer, per expert and per step.
+and dispatch overhead the executor pays per layer, per expert and per step. Contention: pool reads and
+decode matvecs alone and at the same time, since the executor overlaps them on the same cores.
 """
 
 import glob
 import mmap
 import os
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 
@@ -163,22 +165,27 @@ def contention(path: str, quick: bool) -> dict | None:
     if direct is None:
         return None
     size = os.path.getsize(path)
-    window = 0.2 if quick else 0.3
+    window = 0.15 if quick else 0.2  # (each 16 MiB pass of reads takes ~5 ms here: a window averages dozens)
     rounds = 1 if quick else 2
     reader = make_reader()
+
+    def reads():
+        _pool_once(reader, direct, CONTENTION_EXTENT, 16 * MiB, size)
+
     out = {}
     try:
         for name, dtype in DTYPES.items():
-            n_rows = max(8, MATVEC_BYTES // (CONTENTION_COLS * dtype.itemsize))
-            ws = [torch.full((n_rows, CONTENTION_COLS), 0.01, dtype=dtype)
-                  for _ in range(max(2, pool_bytes("cpu", quick) // (n_rows * CONTENTION_COLS * dtype.itemsize)))]
-            x = torch.full((1, CONTENTION_COLS), 0.01, dtype=dtype)
+            buf = torch.full((pool_bytes("cpu", quick) // dtype.itemsize,), 0.01, dtype=dtype)
+            ws, x = _matvec_pool(buf, CONTENTION_COLS, MATVEC_BYTES)
+
+            def matvecs():
+                for w in ws:
+                    linear(x, w)
+
             disk, comp = [], []
             for _ in range(rounds):
-                r_alone = _rate_for(window, lambda: _pool_once(reader, direct, CONTENTION_EXTENT, 16 * MiB, size))
-                c_alone = _rate_for(window, lambda: [linear(x, w) for w in ws])
-                r_both, c_both = _concurrently(window, lambda: _pool_once(reader, direct, CONTENTION_EXTENT, 16 * MiB, size),
-                                               lambda: [linear(x, w) for w in ws])
+                r_alone, c_alone = _rate_for(window, reads), _rate_for(window, matvecs)
+                r_both, c_both = _concurrently(window, reads, matvecs)
                 disk.append(r_alone / r_both)
                 comp.append(c_alone / c_both)
             out[name] = {"disk": max(1.0, statistics.median(disk)), "compute": max(1.0, statistics.median(comp))}
@@ -200,8 +207,6 @@ def _rate_for(window: float, fn) -> float:
 
 def _concurrently(window: float, reads, compute) -> tuple[float, float]:
     """(calls per second of `reads` on a thread, of `compute` on this one), both running for `window` seconds."""
-    import threading
-
     stop, count = threading.Event(), [0, 0.0]
 
     def loop():
