@@ -468,7 +468,7 @@ def main():
     ap.add_argument("--agreement-only", action="store_true",
                     help="only the top-1 agreement (and KL) of the runtime's retrieval, for each --scans share")
     ap.add_argument("--indexes-only", action="store_true",
-                    help="only the recall-vs-scanned table of every index on the real attention (sections 1-2)")
+                    help="only the recall-vs-scanned table (and memory) of every index on the real attention (sections 1, 3)")
     ap.add_argument("--scans", default=None, help="with --agreement-only: shares of the off-device keys scanned, "
                                                    "comma-separated (default: the runtime's)")
     a = ap.parse_args()
